@@ -1,0 +1,3 @@
+from ocula.cli import main
+
+main()

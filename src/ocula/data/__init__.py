@@ -1,0 +1,1 @@
+"""Reading and checking data: images, dataset formats, the dataset registry."""

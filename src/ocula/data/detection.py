@@ -1,0 +1,1 @@
+"""Dataset readers for the detection task (registered in ocula.data.registry)."""

@@ -1,0 +1,1 @@
+"""Dataset readers for the segmentation task (registered in ocula.data.registry)."""
