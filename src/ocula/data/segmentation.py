@@ -20,6 +20,7 @@ from ocula.data.registry import DatasetInfo, register
 from ocula.errors import OculaError
 
 MaskReader = Callable[[Path], np.ndarray]
+IGNORE_INDEX = 255  # mask value meaning "not labelled" in indexed masks (the Pascal VOC convention)
 
 
 class MaskDataset(Sequence):
@@ -54,8 +55,9 @@ class MaskDataset(Sequence):
         if mask.shape != image.shape[:2]:
             raise OculaError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
                              f"{image.shape[1]}x{image.shape[0]}", mask_path)
-        if mask.size and int(mask.max()) >= len(self.classes):
-            raise OculaError(f"mask has class index {int(mask.max())} but the dataset has {len(self.classes)} "
+        top = int(mask[mask != IGNORE_INDEX].max(initial=0))
+        if top >= len(self.classes):
+            raise OculaError(f"mask has class index {top} but the dataset has {len(self.classes)} "
                              f"classes ({', '.join(self.classes)})", mask_path)
         return image, mask
 
@@ -110,8 +112,8 @@ def value_mask(values: Sequence[int]) -> MaskReader:
 
 
 def index_mask(path: Path) -> np.ndarray:
-    """Generic mask: palette / indexed values are class indices, except that a greyscale 0/255 mask becomes {0,1};
-    JPEG masks are thresholded since their values are never exact."""
+    """Generic mask: palette / indexed values are class indices (255 = ignore), except that a greyscale 0/255
+    mask becomes {0,1}; JPEG masks are thresholded since their values are never exact."""
     if path.suffix.lower() in (".jpg", ".jpeg"):
         return threshold_mask(path)
     a = _gray(path)
@@ -233,7 +235,8 @@ def load_mask_folder(root: str | Path, split: str = "train", classes: Sequence[s
                      masks: bool = True) -> MaskDataset:
     """Generic layout: `root/[split/]images/*` with masks of the same stem in `root/[split/]masks/`.
 
-    Masks: binary 0/255 (-> 0/1), indexed or palette PNG (values are class indices), or JPEG (thresholded).
+    Masks: binary 0/255 (-> 0/1), indexed or palette PNG (values are class indices, 255 = ignore), or JPEG
+    (thresholded).
     Class names come from `classes`, else from `root/classes.txt` (one per line), else background/foreground.
     `masks=False` lists the images alone, for prediction.
     """
