@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATASETS, need
-from ocula.data import coco, registry, voc, yolo
+from ocula.data import registry, voc, yolo
 from ocula.data.detection import (BCCD_CLASSES, DetectionDataset, Record, box_iou, check, convert, load_detection,
                                   write)
 from ocula.data.draw import draw_boxes, draw_samples

@@ -133,9 +133,10 @@ class DetectionDataset(Sequence):
         return self._clean[i][0]
 
     def target(self, i: int) -> dict:
-        """The cleaned boxes of item i without decoding its image."""
+        """The cleaned boxes of item i without decoding its image (copies: augmentations may edit them in place)."""
         r = self.clean_record(i)
-        return {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult, "image_id": i, "path": str(r.image)}
+        return {"boxes": r.boxes.copy(), "labels": r.labels.copy(), "difficult": r.difficult.copy(), "image_id": i,
+                "path": str(r.image)}
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict]:
         r = self.records[i]
@@ -152,7 +153,8 @@ class DetectionDataset(Sequence):
 
     def __repr__(self) -> str:
         n = sum(len(r.boxes) for r, _, _ in self._clean)
-        return f"DetectionDataset({self.name or 'unnamed'}: {len(self)} images, {n} boxes, classes={list(self.classes)})"
+        return (f"DetectionDataset({self.name or 'unnamed'}: {len(self)} images, {n} boxes, "
+                f"classes={list(self.classes)})")
 
 
 # --- check -----------------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def check(dataset: DetectionDataset, duplicate_iou: float = DUPLICATE_IOU) -> Ch
         for i in np.flatnonzero(outside):
             issues.append(Issue(name, "outside_image", f"{label_name.get(i, '?')} box {_fmt(r.boxes[i])} extends "
                                                        f"outside the {r.width}x{r.height} image"))
-        for c in np.unique(r.labels[r.labels >= 0]):
+        for c in np.unique(r.labels[(r.labels >= 0) & (r.labels < len(classes))]):
             idx = np.flatnonzero(r.labels == c)
             iou = np.triu(box_iou(r.boxes[idx], r.boxes[idx]), k=1)
             for a, b in zip(*np.nonzero(iou > duplicate_iou)):
@@ -318,7 +320,7 @@ def copy_image(record: Record, dst: Path, seen: dict[str, Path]) -> str:
 # --- BCCD ------------------------------------------------------------------------------------------------------
 
 def load_bccd(root: Path, split: str = "train") -> DetectionDataset:
-    """BCCD blood-cell boxes (VOC layout) for one ImageSets/Main split, classes in the fixed order WBC, RBC, Platelets."""
+    """BCCD blood-cell boxes (VOC layout) for one ImageSets/Main split; classes fixed as WBC, RBC, Platelets."""
     from ocula.data import voc
 
     return voc.read(Path(root), split=split, classes=BCCD_CLASSES, name=f"bccd/{split}")
