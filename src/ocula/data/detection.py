@@ -35,6 +35,7 @@ from ocula.fileio import atomic_path
 FORMATS = ("voc", "coco", "yolo")
 MIN_SIZE = 1.0  # boxes at most this many pixels wide or high are degenerate
 DUPLICATE_IOU = 0.8
+SLACK = 0.01  # px a box may pass the image edge unreported: YOLO's 6 decimals are off by up to width * 1e-6
 BCCD_CLASSES = ("WBC", "RBC", "Platelets")
 
 
@@ -103,7 +104,7 @@ class DetectionDataset(Sequence):
     def _cleaned(self, r: Record) -> tuple[Record, int, int]:
         """(cleaned record, boxes dropped, boxes clipped)."""
         boxes = clip_boxes(r.boxes, r.width, r.height)
-        clipped = int(np.any(boxes != r.boxes, axis=1).sum())
+        clipped = int(np.any(np.abs(boxes - r.boxes) > SLACK, axis=1).sum())
         keep = ~degenerate(boxes) & (r.labels >= 0) & (r.labels < len(self.classes))
         if keep.all() and not clipped:
             return r, 0, 0
@@ -247,7 +248,7 @@ def check(dataset: DetectionDataset, duplicate_iou: float = DUPLICATE_IOU) -> Ch
             issues.append(Issue(name, "zero_area", f"{label_name.get(i, '?')} box {_fmt(r.boxes[i])} is at most "
                                                    f"{MIN_SIZE:g} px wide or high"))
         limit = np.array([r.width, r.height, r.width, r.height], dtype=np.float32)
-        outside = np.any((r.boxes < -1e-3) | (r.boxes > limit + 1e-3), axis=1)
+        outside = np.any((r.boxes < -SLACK) | (r.boxes > limit + SLACK), axis=1)
         for i in np.flatnonzero(outside):
             issues.append(Issue(name, "outside_image", f"{label_name.get(i, '?')} box {_fmt(r.boxes[i])} extends "
                                                        f"outside the {r.width}x{r.height} image"))
