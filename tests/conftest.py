@@ -10,8 +10,8 @@ SHARED = REPO.parent / "shared"
 DATASETS = SHARED / "datasets"
 FIXTURES = SHARED / "fixtures"
 
-# Two cores: keep tests from oversubscribing when pytest and torch both spawn threads.
-torch.set_num_threads(2)
+# Tiny test models run fastest on one thread, and one thread cannot oversubscribe a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 def need(path: Path) -> Path:

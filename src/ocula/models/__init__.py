@@ -1,0 +1,20 @@
+"""Pure nn.Modules, built by architecture name so a model file can name its architecture and arguments."""
+
+from __future__ import annotations
+
+import importlib
+
+from ocula.errors import OculaError
+
+# name -> "module:builder"; builders take keyword-only arguments that are recorded in the model file.
+ARCHITECTURES = {
+    "svc": "ocula.models.classifiers:RBFSVC",
+    "cnn": "ocula.models.classifiers:SmallCNN",
+}
+
+
+def build(arch: str, **kwargs):
+    if arch not in ARCHITECTURES:
+        raise OculaError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    module, name = ARCHITECTURES[arch].split(":")
+    return getattr(importlib.import_module(module), name)(**kwargs)

@@ -1,0 +1,246 @@
+"""The training loop shared by every task: seeded, resumable, with Keras-style callbacks.
+
+Repeatability: each epoch reseeds torch's global RNG (dropout) and the batch generator (shuffle, augmentation)
+from (seed, epoch). A resumed run therefore replays exactly what an uninterrupted run would have done,
+given the model, optimizer, scheduler and callback states stored in `last.ocula`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, \
+    TerminateOnNaN
+from ocula.errors import OculaError
+from ocula.modelfile import ModelInfo, read_model_file, save_model
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    schedule: str = "onecycle"  # onecycle | cosine | plateau | constant
+    warmup: float = 0.15  # one-cycle: fraction of steps spent warming up
+    label_smoothing: float = 0.0
+    seed: int = 0
+    monitor: str = "val_accuracy"
+    mode: str = "max"
+    early_stopping: int = 0  # patience in epochs; 0 = off
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    channels_last: bool = False
+    bf16: bool = False  # bfloat16 autocast (AVX-512 BF16 CPUs)
+    compile: bool = False  # torch.compile the training step's model
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise OculaError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _split_state(obj, prefix: str, tensors: dict):
+    """Replace tensors inside a nested state dict by references, collecting them in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_state(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_state(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_state(v, tensors) for v in obj]
+    return obj
+
+
+def _int_keys(d: dict) -> dict:
+    """JSON turns the optimizer's integer parameter ids into strings; turn them back."""
+    return {int(k): v for k, v in d.items()}
+
+
+class Trainer:
+    """fit() runs `loss_fn(model, x, y)` over `train_batches(generator)` and `evaluate_fn(model)` each epoch."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, *, loss_fn, train_batches, evaluate_fn=None,
+                 info: ModelInfo, run_dir: str | Path | None = None, callbacks: list[Callback] | None = None,
+                 progress: bool = True):
+        self.model, self.config, self.info = model, config, info
+        self.loss_fn, self.train_batches, self.evaluate_fn = loss_fn, train_batches, evaluate_fn
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.progress = progress
+        self.history: list[dict] = []
+        self.epoch = 0  # epochs completed
+        self.stop_reason: str | None = None
+        self.failed = False
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
+        self._step_model = torch.compile(self.model) if config.compile else self.model
+
+    def default_callbacks(self) -> list[Callback]:
+        c = self.config
+        cbs: list[Callback] = [TerminateOnNaN()]
+        if self.run_dir:
+            cbs += [ModelCheckpoint(self.run_dir / "best.ocula", c.monitor, c.mode),
+                    CSVLogger(self.run_dir / "metrics.csv")]
+        if c.schedule == "plateau":
+            cbs.append(ReduceLROnPlateau(c.monitor, c.mode, c.plateau_factor, c.plateau_patience))
+        if c.early_stopping:
+            cbs.append(EarlyStopping(c.monitor, c.mode, c.early_stopping))
+        return cbs
+
+    def _make_optimizer(self):
+        c, params = self.config, [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+        raise OculaError(f"unknown optimizer {c.optimizer!r} (adamw or sgd)")
+
+    def _make_scheduler(self):
+        c, total = self.config, max(1, self.config.epochs * len(self.train_batches))
+        if c.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=c.lr, total_steps=total,
+                                                       pct_start=c.warmup)
+        if c.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+        if c.schedule in ("plateau", "constant"):
+            return None
+        raise OculaError(f"unknown schedule {c.schedule!r} (onecycle, cosine, plateau or constant)")
+
+    def stop(self, reason: str, failed: bool = False) -> None:
+        self.stop_reason, self.failed = reason, failed
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def save_model(self, path: Path, logs: dict) -> Path:
+        self.info.metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        return save_model(path, self.model, self.info)
+
+    def save_last(self, path: Path) -> Path:
+        tensors: dict = {}
+        state = {
+            "epoch": self.epoch,
+            "history": self.history,
+            "config": asdict(self.config),
+            "optimizer": _split_state(self.optimizer.state_dict(), "optimizer", tensors),
+            "scheduler": _split_state(self.scheduler.state_dict(), "scheduler", tensors) if self.scheduler else None,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+        return save_model(path, self.model, self.info, extra_tensors=tensors, extra_metadata={"train_state": state})
+
+    def load_last(self, path: Path) -> None:
+        from ocula.modelfile import TRAIN_PREFIX
+
+        _, tensors, metadata = read_model_file(path)
+        if "train_state" not in metadata:
+            raise OculaError("no training state in this file (resume needs last.ocula)", path)
+        state = json.loads(metadata["train_state"])
+        if state["config"] != asdict(self.config):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.config).get(k))
+            raise OculaError(f"cannot resume with a different config (changed: {', '.join(changed)})", path)
+        extra = {k[len(TRAIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAIN_PREFIX)}
+        self.model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)})
+        opt = _join_state(state["optimizer"], extra)
+        opt["state"] = _int_keys(opt["state"])
+        self.optimizer.load_state_dict(opt)
+        if self.scheduler:
+            self.scheduler.load_state_dict(_join_state(state["scheduler"], extra))
+        for cb, s in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(s)
+        self.epoch, self.history = state["epoch"], state["history"]
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def _train_epoch(self) -> float:
+        c = self.config
+        torch.manual_seed(c.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
+        self.model.train()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
+        total, count = 0.0, 0
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{c.epochs}", leave=False,
+                       unit="batch")
+        for x, y in self.train_batches(g):
+            if c.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = self.loss_fn(self._step_model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler:
+                self.scheduler.step()
+            value = float(loss.detach())
+            total, count = total + value * len(y), count + len(y)
+            for cb in self.callbacks:
+                cb.on_batch_end(self, value)
+            if bar:
+                bar.update()
+                bar.set_postfix(loss=f"{value:.4f}")
+            if self.stop_reason:
+                break
+        if bar:
+            bar.close()
+        return total / max(count, 1)
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        last = self.run_dir / "last.ocula" if self.run_dir else None
+        if resume:
+            if not (last and last.is_file()):
+                raise OculaError("nothing to resume: no last.ocula", last or "run folder")
+            self.load_last(last)
+        while self.epoch < self.config.epochs and not self.stop_reason:
+            start = time.perf_counter()
+            loss = self._train_epoch()
+            if self.failed:
+                break
+            logs = {"epoch": self.epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                    "train_seconds": time.perf_counter() - start}
+            if self.evaluate_fn:
+                self.model.eval()
+                with torch.no_grad():
+                    logs.update({f"val_{k}": v for k, v in self.evaluate_fn(self.model).items()})
+            self.history.append(logs)
+            self.epoch += 1
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, logs)
+            if last:
+                self.save_last(last)
+            if self.progress:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("epoch", "lr"))
+                print(f"epoch {logs['epoch']}/{self.config.epochs}: {shown}", flush=True)
+        self.model.eval()
+        if self.failed:
+            raise OculaError(self.stop_reason)
+        return self.history

@@ -1,0 +1,48 @@
+"""Figures saved as PNG (matplotlib with the non-interactive Agg backend), written atomically."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ocula.fileio import atomic_path
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display here, and faster to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    plt = pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def image_grid(images, titles, path: str | Path, *, value_max: float = 255.0, cols: int = 8, title: str = "",
+               cmap: str = "gray_r") -> Path:
+    """A grid of grayscale (or RGB) images with a caption each, like the source document's show_image."""
+    plt = pyplot()
+    n = max(len(images), 1)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t in zip(axes.flat, images, titles):
+        img = np.asarray(img)
+        ax.imshow(img, cmap=None if img.ndim == 3 else cmap, vmin=0, vmax=value_max, interpolation="nearest")
+        ax.set_title(t, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
