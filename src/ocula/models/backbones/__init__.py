@@ -1,0 +1,36 @@
+"""Image backbones with torchvision's parameter names, a name registry, FPN and checkpoint loading.
+
+Every backbone shares one face: `forward(x)` -> logits, `forward_features(x)` -> {'c2'..'c5': map at stride
+4..32}, and the attributes `out_channels` and `strides` (dicts keyed like the maps). Builders take keyword-only
+`num_classes` (0: no classifier), `in_channels`, `norm_layer` ('batch', 'group' or a callable) and, for the
+MobileNets, `width_mult`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ocula.errors import OculaError
+
+from . import mobilenet, resnet, vgg
+from .fpn import FPN, BackboneWithFPN
+from .norms import group_norm
+from .weights import load_weights, read_state_dict
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {**resnet.MODELS, **mobilenet.MODELS, **vgg.MODELS}
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    if name not in _BUILDERS:
+        raise OculaError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}")
+    return _BUILDERS[name](**kwargs)
+
+
+__all__ = ["FPN", "BackboneWithFPN", "build_backbone", "group_norm", "list_backbones", "load_weights",
+           "read_state_dict"]
