@@ -1,0 +1,218 @@
+"""Box arithmetic for detection: areas, IoU, clipping, the (tx, ty, tw, th) coder and greedy NMS.
+
+Boxes are float tensors [N, 4] in absolute (x1, y1, x2, y2) pixel coordinates, where a pixel i spans [i, i + 1);
+width is x2 - x1 (no "+1").
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+# Faster R-CNN clamps predicted log-scale deltas so exp() cannot overflow on an untrained head.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of each box [..., 4]; boxes with x2 < x1 or y2 < y1 count as empty."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of broadcastable [..., 4] boxes; every caller goes through here so results agree bit for bit."""
+    lt = torch.max(a[..., :2], b[..., :2])
+    rb = torch.min(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a) + box_area(b) - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU [N, M]. Two boxes whose union is empty (both zero-area) have IoU 0, never NaN."""
+    return _iou(boxes1[:, None, :], boxes2[None, :, :])
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clip boxes to an image of `size` = (height, width)."""
+    height, width = size
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of boxes whose width and height are both >= min_size."""
+    ws = boxes[:, 2] - boxes[:, 0]
+    hs = boxes[:, 3] - boxes[:, 1]
+    return torch.nonzero((ws >= min_size) & (hs >= min_size)).flatten()
+
+
+class BoxCoder:
+    """Encodes a box relative to a reference box as (tx, ty, tw, th) and back.
+
+    tx = wx * (x - xa) / wa, ty = wy * (y - ya) / ha, tw = ww * log(w / wa), th = wh * log(h / ha), with (x, y) the
+    box centre. `weights` rescale the targets so both heads' regression losses have a similar magnitude.
+    """
+
+    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+                 clamp: float = BBOX_XFORM_CLIP):
+        self.weights = tuple(float(w) for w in weights)
+        self.clamp = clamp
+
+    def encode(self, boxes: Tensor, reference: Tensor) -> Tensor:
+        """Targets [N, 4] that move each `reference` box (anchor / proposal) onto the matching `boxes` row."""
+        wx, wy, ww, wh = self.weights
+        rw = reference[:, 2] - reference[:, 0]
+        rh = reference[:, 3] - reference[:, 1]
+        rx = reference[:, 0] + 0.5 * rw
+        ry = reference[:, 1] + 0.5 * rh
+        bw = boxes[:, 2] - boxes[:, 0]
+        bh = boxes[:, 3] - boxes[:, 1]
+        bx = boxes[:, 0] + 0.5 * bw
+        by = boxes[:, 1] + 0.5 * bh
+        return torch.stack((wx * (bx - rx) / rw, wy * (by - ry) / rh,
+                            ww * torch.log(bw / rw), wh * torch.log(bh / rh)), dim=1)
+
+    def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
+        """Boxes from deltas [N, 4 * K] applied to reference boxes [N, 4]; returns [N, 4 * K]."""
+        wx, wy, ww, wh = self.weights
+        reference = reference.to(deltas.dtype)
+        rw = (reference[:, 2] - reference[:, 0])[:, None]
+        rh = (reference[:, 3] - reference[:, 1])[:, None]
+        rx = reference[:, 0, None] + 0.5 * rw
+        ry = reference[:, 1, None] + 0.5 * rh
+        dx = deltas[:, 0::4] / wx
+        dy = deltas[:, 1::4] / wy
+        dw = (deltas[:, 2::4] / ww).clamp(max=self.clamp)
+        dh = (deltas[:, 3::4] / wh).clamp(max=self.clamp)
+        cx = dx * rw + rx
+        cy = dy * rh + ry
+        w = torch.exp(dw) * rw
+        h = torch.exp(dh) * rh
+        out = torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=2)
+        return out.reshape(deltas.shape[0], -1)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression; returns kept indices sorted by decreasing score.
+
+    Keeps exactly what the textbook loop keeps (take the best remaining box, drop every box with IoU >
+    iou_threshold to it, repeat), ties in score broken by lower index. Two exact strategies, chosen by how many
+    box pairs could overlap enough: a sparse sweep when few can (typical for spread-out boxes), else score-ordered
+    blocks (cheap when a few boxes suppress many).
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    ranked = boxes[order]
+    if iou_threshold >= 0:
+        keep = _nms_sweep(ranked, float(iou_threshold))
+        if keep is not None:
+            return order[keep]
+    return order[_nms_blocks(ranked, float(iou_threshold))]
+
+
+def _resolve_greedy(src: Tensor, dst: Tensor, n: int) -> Tensor:
+    """Greedy keep mask from "src suppresses dst" edges (src ranks before dst).
+
+    keep[i] = no kept src has an edge to i. Each entry depends only on earlier ones, so the equation has exactly one
+    solution -- the greedy answer -- and iterating it from all-True reaches it within (longest edge chain + 1)
+    rounds, each one vectorised over all edges.
+    """
+    keep = torch.ones(n, dtype=torch.bool, device=src.device)
+    while True:
+        suppressed = torch.zeros_like(keep)
+        suppressed[dst[keep[src]]] = True
+        if torch.equal(suppressed, ~keep):
+            return keep
+        keep = ~suppressed
+
+
+# Candidate-pair budget of the sweep: beyond it (dense clusters) the block strategy is cheaper and bounded in memory.
+_SWEEP_MAX_PAIRS = 8_000_000
+_SWEEP_CHUNK = 1_000_000
+
+
+def _nms_sweep(ranked: Tensor, thr: float) -> Tensor | None:
+    """Keep mask for score-ranked boxes via the pairs that can reach IoU > thr, or None if there are too many.
+
+    IoU(a, b) <= overlap_width / width_a, so IoU > thr needs b to start before x2_a - thr * width_a. Boxes are
+    swept in x1 order and each one is paired only with the boxes starting inside that window. The window is
+    widened to x2_a - 0.9 * thr * width_a (or x2_a for boxes too thin for the margin to beat float rounding), so
+    no pair whose computed IoU exceeds thr is ever skipped.
+    """
+    n = ranked.shape[0]
+    xorder = torch.sort(ranked[:, 0], stable=True).indices
+    xs = ranked[xorder]
+    width = xs[:, 2] - xs[:, 0]
+    margin = 0.1 * thr * width
+    safe = margin > 1e-4 * (xs[:, 2].abs() + 1)
+    bound = torch.where(safe, xs[:, 2] - 0.9 * thr * width, xs[:, 2])
+    first = torch.arange(1, n + 1, device=ranked.device)
+    end = torch.searchsorted(xs[:, 0].contiguous(), bound.contiguous(), side="left")
+    counts = (end - first).clamp(min=0)
+    total = int(counts.sum())
+    if total > _SWEEP_MAX_PAIRS:
+        return None
+    x1, y1, x2, y2 = xs.unbind(1)
+    area = box_area(xs)
+    src, dst = [], []
+    cum = torch.cumsum(counts, 0)
+    lo = 0
+    while lo < n and total:
+        # Rows [lo, hi) hold about _SWEEP_CHUNK candidate pairs.
+        base = int(cum[lo - 1]) if lo else 0
+        hi = min(max(int(torch.searchsorted(cum, base + _SWEEP_CHUNK, side="right")), lo + 1), n)
+        row_counts = counts[lo:hi]
+        row_first = torch.cumsum(row_counts, 0) - row_counts  # where each row's pairs start
+        a = torch.repeat_interleave(torch.arange(lo, hi, device=ranked.device), row_counts)
+        if a.numel():
+            b = torch.arange(a.numel(), device=ranked.device) + torch.repeat_interleave(
+                first[lo:hi] - row_first, row_counts)
+            # Same operations, in the same order, as _iou: computed IoUs match box_iou bit for bit. Pairs that do
+            # not overlap vertically are dropped first, since they cannot pass any threshold >= 0.
+            h = (torch.min(y2[a], y2[b]) - torch.max(y1[a], y1[b])).clamp(min=0)
+            overlap = torch.nonzero(h > 0).flatten()
+            a, b, h = a[overlap], b[overlap], h[overlap]
+            w = (torch.min(x2[a], x2[b]) - torch.max(x1[a], x1[b])).clamp(min=0)
+            inter = w * h
+            union = area[a] + area[b] - inter
+            hit = torch.where(union > 0, inter / union, torch.zeros_like(inter)) > thr
+            ra, rb = xorder[a[hit]], xorder[b[hit]]
+            src.append(torch.minimum(ra, rb))
+            dst.append(torch.maximum(ra, rb))
+        lo = hi
+    if not src:
+        return torch.arange(n, device=ranked.device)
+    keep = _resolve_greedy(torch.cat(src), torch.cat(dst), n)
+    return torch.nonzero(keep).flatten()
+
+
+def _nms_blocks(ranked: Tensor, thr: float, block_size: int = 512) -> Tensor:
+    """Kept positions of score-ranked boxes, visited in blocks: each block is checked against all boxes kept
+    so far with one IoU matrix, then resolved internally. Work is O(N * kept) IoUs."""
+    kept = torch.empty_like(ranked)
+    kept_idx = []
+    num_kept = 0
+    for start in range(0, ranked.shape[0], block_size):
+        block = ranked[start:start + block_size]
+        cand = torch.arange(block.shape[0], device=ranked.device)
+        if num_kept:
+            cand = torch.nonzero(~(box_iou(kept[:num_kept], block) > thr).any(dim=0)).flatten()
+        if cand.numel() == 0:
+            continue
+        over = torch.nonzero((box_iou(block[cand], block[cand]) > thr).triu(diagonal=1))
+        block_kept = cand[_resolve_greedy(over[:, 0], over[:, 1], cand.numel())]
+        kept[num_kept:num_kept + block_kept.numel()] = block[block_kept]
+        num_kept += block_kept.numel()
+        kept_idx.append(block_kept + start)
+    return torch.cat(kept_idx)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """NMS run independently per label: boxes of different labels are shifted apart so they never overlap."""
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    offsets = labels.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
