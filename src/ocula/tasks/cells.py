@@ -105,7 +105,8 @@ def find_cells(mask, image=None, *, multiclass: bool = False, pixel_size: float 
     """Cells in `mask` [H, W], measured; `image` [H, W, 3] adds each cell's mean colour (in the image's units).
 
     `min_distance` and `h` tune the splitting of touching cells (see `split_touching`; split=False keeps plain
-    connected components). Objects under `min_area` px (specks, watershed slivers) are dropped and ids renumbered 1..count.
+    connected components). Objects under `min_area` px (specks, watershed slivers) are dropped and ids are
+    renumbered 1..count.
     `pixel_size` in micrometres per pixel adds area_um2, perimeter_um and equivalent_diameter_um columns.
     Perimeter is Crofton's estimate: the 4-connected contour length over-counts a disc's perimeter by ~5%,
     which would put a perfect disc's circularity (4 pi A / P**2) at 0.91 instead of ~0.97-0.99."""
