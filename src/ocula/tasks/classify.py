@@ -205,3 +205,21 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
                "train_seconds": round(seconds, 2), "model_file": str(run_dir / "model.ocula")}
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def predict_photo(model, path, steps_path: Path | None = None) -> dict:
+    """Classify one photographed digit with the model's own preprocessing; optionally draw every stage."""
+    from ocula.data.digit_photo import draw_steps, prepare_digit
+
+    pre = model.info.preprocess
+    array, steps = prepare_digit(path, style=pre["style"], size=tuple(pre["input_size"]))
+    with torch.no_grad():
+        scores = model(to_tensor(array[None]))
+    probs = scores_to_probabilities(scores, pre.get("scores", "logits"))[0]
+    best = int(probs.argmax())
+    result = {"file": str(path), "label": best, "class": model.info.classes[best],
+              "probability": round(float(probs[best]), 4),
+              "probabilities": {c: round(float(p), 4) for c, p in zip(model.info.classes, probs)}}
+    if steps_path:
+        draw_steps(steps, steps_path, f"{Path(path).name}: {result['class']} ({result['probability']:.2f})")
+    return result

@@ -1,0 +1,305 @@
+"""The shell face: parse arguments, call the library, print. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ocula.errors import OculaError
+
+RUNS = Path("runs")
+
+
+# --- data ------------------------------------------------------------------------------------------------
+def cmd_data_list(args):
+    from ocula.data.registry import REGISTRY, _register_builtin
+
+    _register_builtin()
+    for info in sorted(REGISTRY.values(), key=lambda i: (i.task, i.name)):
+        print(f"{info.name:15s} {info.task:9s} {info.description}")
+
+
+def cmd_data_info(args):
+    from ocula.data import registry
+
+    info = registry.get_info(args.name)
+    print(f"name:        {info.name}\ntask:        {info.task}\ndescription: {info.description}")
+    print(f"splits:      {', '.join(info.splits)}\nlicence:     {info.license}")
+    root = registry.find_root(info, args.data_dir)
+    print(f"local copy:  {root or 'bundled with scikit-learn'}")
+    for name, url in info.urls.items():
+        print(f"source:      {url}  md5 {info.md5.get(name, '-')}")
+    for split in info.splits:
+        data = registry.load(args.name, split, args.data_dir)
+        print(f"{split:12s} {len(data)} items")
+
+
+def cmd_data_show(args):
+    from ocula.data import registry
+
+    info = registry.get_info(args.name)
+    split = args.split or info.splits[0]
+    data = registry.load(args.name, split, args.data_dir)
+    out = Path(args.out or f"{args.name}-{split}.png")
+    if info.task == "classify":
+        from ocula.plots import image_grid
+
+        n = min(args.n, len(data))
+        image_grid(data.images[:n], [data.classes[int(y)] for y in data.labels[:n]], out, value_max=data.value_max,
+                   title=f"{args.name} ({split}): first {n} of {len(data)}")
+    elif info.task == "segment":
+        from ocula.data.images import save_png
+        from ocula.data.segmentation import mask_grid
+
+        save_png(mask_grid(data, args.n), out)
+    else:
+        from ocula.data.draw import draw_samples
+        from ocula.data.images import save_png
+
+        save_png(draw_samples(data, args.n), out)
+    print(out)
+
+
+def _detection_source(args):
+    """A registered detection dataset by name, or a folder with --format."""
+    from ocula.data import detection, registry
+
+    if args.format:
+        return detection.load_detection(args.source, args.format, split=args.split)
+    return registry.load(args.source, args.split or "trainval", args.data_dir)
+
+
+def cmd_data_check(args):
+    from ocula.data.detection import check
+
+    report = check(_detection_source(args))
+    print(report.text())
+
+
+def cmd_data_convert(args):
+    from ocula.data.detection import convert
+
+    print(convert(args.src, args.src_format, args.dst, args.dst_format, split=args.split))
+
+
+# --- train / evaluate / export / predict ------------------------------------------------------------------
+def cmd_train(args):
+    from ocula.data import registry
+    from ocula.engine.trainer import TrainConfig
+
+    info = registry.get_info(args.dataset)
+    if info.task != "classify":
+        raise OculaError(f"training for task {info.task!r} is not wired to the CLI yet; classify datasets: "
+                         "digits, mnist, fashion-mnist")
+    from ocula.tasks import classify
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         schedule=args.schedule, seed=args.seed, weight_decay=args.weight_decay,
+                         label_smoothing=args.label_smoothing, early_stopping=args.early_stopping,
+                         monitor="val_loss", mode="min", bf16=args.bf16, channels_last=args.channels_last,
+                         compile=args.compile, threads=args.threads)
+    name = args.name or f"{args.dataset}-{args.model}"
+    run_dir = Path(args.runs_dir) / "classify" / name
+    if run_dir.exists() and not args.resume and not args.overwrite:
+        raise OculaError("run folder exists; pass --resume to continue it, --overwrite to replace it, or --name",
+                         run_dir)
+    summary = classify.train(args.dataset, args.model, config, run_dir=run_dir, data_dir=args.data_dir,
+                             val_fraction=args.val_fraction, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary))
+
+
+def cmd_evaluate(args):
+    import ocula
+    from ocula.data import registry
+    from ocula.tasks import classify
+
+    model = ocula.load(args.model)
+    dataset = args.data or model.info.preprocess.get("dataset")
+    data = registry.load(dataset, args.split, args.data_dir)
+    out = Path(args.out or Path(args.model).parent / f"eval-{dataset}-{args.split}")
+    result = classify.write_evaluation(model, data, out)
+    print(f"accuracy {result['accuracy']:.4f} on {result['n']} images of {dataset}/{args.split}; figures in {out}")
+
+
+def cmd_export(args):
+    import ocula
+
+    model = ocula.load(args.model)
+    if args.format == "onnx":
+        from ocula.export.onnx import check_parity, export_onnx
+
+        out = export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"))
+        print(f"{out} (ONNX Runtime vs torch: max abs difference {check_parity(model, out):.2e})")
+    else:
+        from ocula.export.coreml import export_coreml
+
+        print(export_coreml(model, args.out or Path(args.model).with_suffix(".mlpackage")))
+
+
+def cmd_predict(args):
+    import ocula
+    from ocula.data.images import list_images
+    from ocula.tasks.classify import predict_photo
+
+    model = ocula.load(args.model)
+    files = []
+    for item in args.inputs:
+        files += list_images(item) if Path(item).is_dir() else [Path(item)]
+    results, failed = [], 0
+    for f in files:
+        steps = None
+        if args.steps:
+            steps = Path(args.steps) if len(files) == 1 else Path(args.steps).with_name(
+                f"{Path(args.steps).stem}-{f.stem}.png")
+        try:
+            r = predict_photo(model, f, steps)
+        except OculaError as e:
+            if len(files) == 1:
+                raise
+            failed += 1
+            r = {"file": str(f), "error": str(e)}
+            print(f"ocula: error: {e}", file=sys.stderr)
+        results.append(r)
+        if not args.json and "error" not in r:
+            print(f"{r['file']}: {r['class']} (probability {r['probability']:.2f})")
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return 1 if failed else 0
+
+
+def cmd_inspect_rf(args):
+    import torch
+
+    from ocula.models.detection.receptive_field import receptive_field_table
+
+    if Path(args.model).is_file():
+        import ocula
+
+        model = ocula.load(args.model)
+        pre = model.info.preprocess
+        shape = (1, pre.get("channels", 3), *pre.get("input_size", (224, 224)))
+    else:
+        from ocula.models.backbones import build_backbone
+
+        model, shape = build_backbone(args.model), (1, 3, args.size, args.size)
+    rows = receptive_field_table(model, torch.zeros(shape))
+    print(f"{'layer':40s} {'k':>3s} {'s':>3s} {'p':>3s} {'RF':>5s} {'jump':>5s} {'start':>7s}")
+    for r in rows:
+        print(f"{r['layer'][:40]:40s} {r['kernel']:3d} {r['stride']:3d} {r['padding']:3d} {r['rf']:5d} "
+              f"{r['jump']:5d} {r['start']:7.1f}")
+
+
+def cmd_demo(args):
+    from ocula.demo import run_demo
+
+    run_demo(Path(args.runs_dir), quiet=args.quiet)
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from ocula import __version__
+
+    p = argparse.ArgumentParser(prog="ocula", description="ocula: image recognition from data to a served model, "
+                                "fast on an ordinary CPU.")
+    p.add_argument("--version", action="version", version=f"ocula {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help, parent=sub):
+        c = parent.add_parser(name, help=help, description=help)
+        c.set_defaults(func=func)
+        return c
+
+    def data_dir(c):
+        c.add_argument("--data-dir", help="folder holding local dataset copies (default: $OCULA_DATA_DIR, ...)")
+
+    data = sub.add_parser("data", help="list, describe, draw, check and convert datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    command("list", cmd_data_list, "registered datasets", dsub)
+    c = command("info", cmd_data_info, "where a dataset is, its source, licence and split sizes", dsub)
+    c.add_argument("name")
+    data_dir(c)
+    c = command("show", cmd_data_show, "a PNG grid of samples with labels, masks or boxes", dsub)
+    c.add_argument("name")
+    c.add_argument("--split")
+    c.add_argument("-n", type=int, default=32, help="number of samples")
+    c.add_argument("--out", help="PNG path (default NAME-SPLIT.png)")
+    data_dir(c)
+    c = command("check", cmd_data_check, "report annotation problems of a detection dataset", dsub)
+    c.add_argument("source", help="registered name (bccd) or folder")
+    c.add_argument("--format", choices=["voc", "coco", "yolo"], help="format of a folder")
+    c.add_argument("--split")
+    data_dir(c)
+    c = command("convert", cmd_data_convert, "convert detection annotations between VOC, COCO and YOLO", dsub)
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--from", dest="src_format", required=True, choices=["voc", "coco", "yolo"])
+    c.add_argument("--to", dest="dst_format", required=True, choices=["voc", "coco", "yolo"])
+    c.add_argument("--split")
+
+    c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/")
+    c.add_argument("dataset")
+    c.add_argument("--model", default="cnn", choices=["svc", "cnn"])
+    c.add_argument("--name", help="run name (default DATASET-MODEL)")
+    c.add_argument("--epochs", type=int, default=30)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--weight-decay", type=float, default=5e-4)
+    c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    c.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "plateau", "constant"])
+    c.add_argument("--label-smoothing", type=float, default=0.0)
+    c.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE")
+    c.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for selection")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    c.add_argument("--channels-last", action="store_true")
+    c.add_argument("--compile", action="store_true", help="torch.compile")
+    c.add_argument("--resume", action="store_true", help="continue from the run's last.ocula")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--runs-dir", default=str(RUNS))
+    c.add_argument("--quiet", action="store_true")
+    data_dir(c)
+
+    c = command("evaluate", cmd_evaluate, "accuracy, per-class precision/recall, confusion matrix, misclassified")
+    c.add_argument("model")
+    c.add_argument("--data", help="dataset (default: the one it was trained on)")
+    c.add_argument("--split", default="test")
+    c.add_argument("--out")
+    data_dir(c)
+
+    c = command("export", cmd_export, "export a model file to ONNX or CoreML")
+    c.add_argument("model")
+    c.add_argument("--format", required=True, choices=["onnx", "coreml"])
+    c.add_argument("--out")
+
+    c = command("predict", cmd_predict, "predict photos of handwritten digits (files or folders)")
+    c.add_argument("model")
+    c.add_argument("inputs", nargs="+")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--steps", help="PNG drawing each preprocessing stage")
+
+    inspect = sub.add_parser("inspect", help="look inside models")
+    isub = inspect.add_subparsers(dest="inspect_command", required=True)
+    c = command("receptive-field", cmd_inspect_rf, "receptive field, jump and start per layer", isub)
+    c.add_argument("model", help="model file or backbone name (resnet18, ...)")
+    c.add_argument("--size", type=int, default=224)
+
+    c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
+    c.add_argument("--runs-dir", default=str(RUNS))
+    c.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args) or 0
+    except OculaError as e:
+        print(f"ocula: error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("ocula: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
