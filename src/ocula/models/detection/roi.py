@@ -174,13 +174,16 @@ class MultiScaleRoIAlign(nn.Module):
     """RoIAlign over FPN levels: each RoI is pooled from the level that suits its size.
 
     Level k = floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to the available levels, so a
-    224x224 RoI goes to level 4 (stride 16). Level strides are read from the feature and image sizes.
+    224x224 RoI goes to level 4 (stride 16). Level strides are given, or read as the power of two closest to
+    image size / feature size.
     """
 
     def __init__(self, *, featmap_names: Sequence[str], output_size=7, sampling_ratio: int = 2,
-                 canonical_scale: float = 224.0, canonical_level: int = 4, aligned: bool = False):
+                 canonical_scale: float = 224.0, canonical_level: int = 4, aligned: bool = False,
+                 strides: Sequence[int] | None = None):
         super().__init__()
         self.featmap_names = list(featmap_names)
+        self.strides = list(strides) if strides is not None else None
         self.output_size = _pair(output_size)
         self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
@@ -199,7 +202,7 @@ class MultiScaleRoIAlign(nn.Module):
             if name not in features:
                 raise OculaError(f"feature map {name!r} missing: got {sorted(features)}")
             maps.append(features[name])
-        strides = [2 ** round(math.log2(image_size[0] / f.shape[-2])) for f in maps]
+        strides = self.strides or [2 ** round(math.log2(image_size[0] / f.shape[-2])) for f in maps]
         rois = _as_rois(boxes)
         if len(maps) == 1:
             return roi_align(maps[0], rois, self.output_size, 1.0 / strides[0], self.sampling_ratio, self.aligned)
@@ -214,3 +217,16 @@ class MultiScaleRoIAlign(nn.Module):
                 out[idx] = roi_align(fmap, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio,
                                      self.aligned)
         return out
+
+
+class RoIPool(nn.Module):
+    """roi_pool on one named feature map of known stride, with MultiScaleRoIAlign's calling convention."""
+
+    def __init__(self, *, featmap_name: str, output_size=7, stride: int = 16):
+        super().__init__()
+        self.featmap_name = featmap_name
+        self.output_size = _pair(output_size)
+        self.stride = stride
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        return roi_pool(features[self.featmap_name], boxes, self.output_size, 1.0 / self.stride)
