@@ -292,13 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"ocula: warning: {message}\n"
+
+
 def main(argv=None) -> None:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         code = args.func(args) or 0
     except OculaError as e:
         print(f"ocula: error: {e}", file=sys.stderr)
         code = 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        code = 0
     except KeyboardInterrupt:
         print("ocula: interrupted", file=sys.stderr)
         code = 130
