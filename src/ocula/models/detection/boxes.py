@@ -165,21 +165,25 @@ def _nms_sweep(ranked: Tensor, thr: float) -> Tensor | None:
         base = int(cum[lo - 1]) if lo else 0
         hi = min(max(int(torch.searchsorted(cum, base + _SWEEP_CHUNK, side="right")), lo + 1), n)
         row_counts = counts[lo:hi]
-        row_first = torch.cumsum(row_counts, 0) - row_counts  # where each row's pairs start
-        a = torch.repeat_interleave(torch.arange(lo, hi, device=ranked.device), row_counts)
-        if a.numel():
-            b = torch.arange(a.numel(), device=ranked.device) + torch.repeat_interleave(
-                first[lo:hi] - row_first, row_counts)
+        num = int(row_counts.sum())
+        if num:
+            row_first = torch.cumsum(row_counts, 0) - row_counts  # where each row's pairs start
+            a = torch.repeat_interleave(torch.arange(lo, hi, device=ranked.device), row_counts, output_size=num)
+            b = torch.arange(num, device=ranked.device) + torch.repeat_interleave(
+                first[lo:hi] - row_first, row_counts, output_size=num)
             # Same operations, in the same order, as _iou: computed IoUs match box_iou bit for bit. Pairs that do
             # not overlap vertically are dropped first, since they cannot pass any threshold >= 0.
-            h = (torch.min(y2[a], y2[b]) - torch.max(y1[a], y1[b])).clamp(min=0)
+            h = (torch.min(y2.index_select(0, a), y2.index_select(0, b))
+                 - torch.max(y1.index_select(0, a), y1.index_select(0, b))).clamp(min=0)
             overlap = torch.nonzero(h > 0).flatten()
-            a, b, h = a[overlap], b[overlap], h[overlap]
-            w = (torch.min(x2[a], x2[b]) - torch.max(x1[a], x1[b])).clamp(min=0)
+            a, b, h = a.index_select(0, overlap), b.index_select(0, overlap), h.index_select(0, overlap)
+            w = (torch.min(x2.index_select(0, a), x2.index_select(0, b))
+                 - torch.max(x1.index_select(0, a), x1.index_select(0, b))).clamp(min=0)
             inter = w * h
-            union = area[a] + area[b] - inter
-            hit = torch.where(union > 0, inter / union, torch.zeros_like(inter)) > thr
-            ra, rb = xorder[a[hit]], xorder[b[hit]]
+            union = area.index_select(0, a) + area.index_select(0, b) - inter
+            hit = torch.nonzero(torch.where(union > 0, inter / union, torch.zeros_like(inter)) > thr).flatten()
+            ra = xorder.index_select(0, a.index_select(0, hit))
+            rb = xorder.index_select(0, b.index_select(0, hit))
             src.append(torch.minimum(ra, rb))
             dst.append(torch.maximum(ra, rb))
         lo = hi
