@@ -126,3 +126,25 @@ def test_batched_nms_is_per_label():
         idx = torch.nonzero(labels == c).flatten()
         want += idx[nms(boxes[idx], scores[idx], 0.5)].tolist()
     assert sorted(batched_nms(boxes, scores, labels, 0.5).tolist()) == sorted(want)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, as ocula.export uses
+def test_box_ops_export_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+
+    class Decode(torch.nn.Module):
+        def forward(self, deltas, anchors, gt):
+            boxes = clip_boxes_to_image(BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, anchors), (100, 120))
+            return boxes, box_iou(boxes, gt), box_area(boxes)
+
+    g = torch.Generator().manual_seed(0)
+    anchors = rand_boxes(50, seed=8) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    deltas, gt = torch.randn(50, 4, generator=g), anchors[:5].clone()
+    path = tmp_path / "boxes.onnx"
+    torch.onnx.export(Decode(), (deltas, anchors, gt), str(path), dynamo=False, input_names=["d", "a", "g"],
+                      dynamic_axes={"d": {0: "n"}, "a": {0: "n"}, "g": {0: "m"}})
+    session = ort.InferenceSession(str(path))
+    deltas, anchors = deltas[:30], anchors[:30]  # another box count than at export
+    got = session.run(None, {"d": deltas.numpy(), "a": anchors.numpy(), "g": gt.numpy()})
+    for g_out, want in zip(got, Decode()(deltas, anchors, gt)):
+        torch.testing.assert_close(torch.from_numpy(g_out), want)

@@ -63,8 +63,11 @@ class FasterRCNN(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.size_divisible = size_divisible
-        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32)[:, None, None], persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32)[:, None, None], persistent=False)
+        # Constructor arguments, not learned state: kept out of the state_dict.
+        mean = torch.tensor(image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(image_std, dtype=torch.float32)[:, None, None]
+        self.register_buffer("image_mean", mean, persistent=False)
+        self.register_buffer("image_std", std, persistent=False)
 
         self.featmap_names, channels, self.known_strides = _inspect_backbone(backbone, featmap_names)
         levels = len(self.featmap_names)
