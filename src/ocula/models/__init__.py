@@ -10,6 +10,8 @@ from ocula.errors import OculaError
 ARCHITECTURES = {
     "svc": "ocula.models.classifiers:RBFSVC",
     "cnn": "ocula.models.classifiers:SmallCNN",
+    "unet": "ocula.models.unet:UNet",
+    "normalized-unet": "ocula.models.unet:NormalizedUNet",
 }
 
 

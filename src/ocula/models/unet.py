@@ -144,8 +144,32 @@ class UNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
-def build_unet(name: str = "unet", **kw) -> UNet:
-    """A named U-Net; keyword arguments override the configuration (e.g. in_channels=1, num_classes=3)."""
+class NormalizedUNet(nn.Module):
+    """A U-Net fed images in their native value range (RGB 0..255 as floats): the per-channel normalisation is
+    part of the model, so prediction, ONNX export and serving cannot feed it the wrong scaling. The remaining
+    keyword arguments are the UNet's."""
+
+    def __init__(self, *, value_max: float = 255.0, mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.25,),
+                 **unet):
+        super().__init__()
+        self.unet = UNet(**unet)
+        shape = (1, -1, 1, 1)
+        # Not persistent: the statistics are constructor arguments, recorded once in the model file's metadata.
+        self.register_buffer("scale", 1.0 / (value_max * torch.tensor(std, dtype=torch.float32).view(shape)),
+                             persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape),
+                             persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x * self.scale - self.shift)
+
+
+def unet_config(name: str) -> dict:
+    """The keyword arguments of a named U-Net configuration."""
     configs = {
         # Dropout rate: the notes keep it in an unpublished params file; 0.2 is a usual choice for conv layers.
         "unet-seed": dict(widths=(32, 64, 128, 256, 512), norm=None, dropout=0.2, residual=False, upsample="nearest"),
@@ -153,7 +177,12 @@ def build_unet(name: str = "unet", **kw) -> UNet:
     }
     if name not in configs:
         raise ValueError(f"unknown U-Net {name!r}; choose one of {sorted(configs)}")
-    return UNet(**{**configs[name], **kw})
+    return dict(configs[name])
+
+
+def build_unet(name: str = "unet", **kw) -> UNet:
+    """A named U-Net; keyword arguments override the configuration (e.g. in_channels=1, num_classes=3)."""
+    return UNet(**{**unet_config(name), **kw})
 
 
 def count_parameters(model: nn.Module) -> int:
