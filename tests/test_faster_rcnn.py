@@ -319,3 +319,28 @@ def test_bad_input_raises_one_line_errors():
     with pytest.raises(OculaError):
         FasterRCNN(backbone=nn.Conv2d(3, 4, 3), num_classes=1)
 
+
+
+def test_document_defaults_train_and_detect():
+    class Stride16(TinyBackbone):
+        def __init__(self):
+            super().__init__()
+            self.body.append(nn.Conv2d(16, 16, 3, 2, 1))
+            self.stride = 16
+
+    torch.manual_seed(0)
+    model = FasterRCNN(backbone=Stride16(), num_classes=3)
+    rpn, heads = model.rpn, model.roi_heads
+    assert rpn.anchor_generator.num_anchors_per_location() == [9]
+    assert (rpn.pre_nms_top_n, rpn.post_nms_top_n) == ({"train": 12000, "test": 6000}, {"train": 2000, "test": 300})
+    assert (rpn.fg_iou_thresh, rpn.bg_iou_thresh, rpn.nms_thresh, rpn.batch_size_per_image) == (0.7, 0.3, 0.7, 256)
+    assert rpn.ignore_cross_boundary and heads.batch_size_per_image == 512 and heads.positive_fraction == 0.25
+    images = [torch.rand(3, 300, 400), torch.rand(3, 280, 380)]
+    targets = [{"boxes": torch.tensor([[50.0, 60.0, 250.0, 220.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[10.0, 10.0, 200.0, 260.0]]), "labels": torch.tensor([0])}]
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_rpn_box_reg"] > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert all(d["boxes"].shape[0] <= 100 for d in out)

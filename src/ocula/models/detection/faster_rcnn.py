@@ -40,13 +40,14 @@ class FasterRCNN(nn.Module):
                  anchor_sizes: Sequence[Sequence[float]] | None = None,
                  aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
                  anchor_offset: float = 0.5,
-                 rpn_conv_channels: int | None = None, rpn_fg_iou_thresh: float = 0.7,
+                 rpn_conv_channels: int | None = None, rpn_init_std: float = 0.01, rpn_fg_iou_thresh: float = 0.7,
                  rpn_bg_iou_thresh: float = 0.3, rpn_batch_size_per_image: int = 256,
                  rpn_positive_fraction: float = 0.5, rpn_pre_nms_top_n_train: int = 12000,
                  rpn_post_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 6000,
                  rpn_post_nms_top_n_test: int = 300, rpn_nms_thresh: float = 0.7, rpn_min_size: float = 1e-3,
                  rpn_score_thresh: float = 0.0, rpn_ignore_cross_boundary: bool = True,
                  rpn_allowed_border: float = 0.0, rpn_smooth_l1_beta: float = 1.0 / 9,
+                 rpn_box_loss_weight: float = 1.0,
                  roi_op: str = "align", roi_featmap_names: Sequence[str] | None = None, roi_output_size: int = 7,
                  roi_sampling_ratio: int = 2, roi_aligned: bool = False,
                  box_head: str | nn.Module = "mlp", box_representation_size: int = 1024,
@@ -89,14 +90,15 @@ class FasterRCNN(nn.Module):
             raise OculaError("every level needs the same number of anchors per location (the RPN head is shared)")
         self.rpn = RegionProposalNetwork(
             anchor_generator=anchor_generator,
-            head=RPNHead(in_channels=channels, num_anchors=per_location.pop(), conv_channels=rpn_conv_channels),
+            head=RPNHead(in_channels=channels, num_anchors=per_location.pop(), conv_channels=rpn_conv_channels,
+                         init_std=rpn_init_std),
             fg_iou_thresh=rpn_fg_iou_thresh, bg_iou_thresh=rpn_bg_iou_thresh,
             batch_size_per_image=rpn_batch_size_per_image, positive_fraction=rpn_positive_fraction,
             pre_nms_top_n_train=rpn_pre_nms_top_n_train, post_nms_top_n_train=rpn_post_nms_top_n_train,
             pre_nms_top_n_test=rpn_pre_nms_top_n_test, post_nms_top_n_test=rpn_post_nms_top_n_test,
             nms_thresh=rpn_nms_thresh, min_size=rpn_min_size, score_thresh=rpn_score_thresh,
             ignore_cross_boundary=rpn_ignore_cross_boundary, allowed_border=rpn_allowed_border,
-            smooth_l1_beta=rpn_smooth_l1_beta)
+            smooth_l1_beta=rpn_smooth_l1_beta, box_loss_weight=rpn_box_loss_weight)
 
         roi_names = list(roi_featmap_names) if roi_featmap_names is not None else \
             [n for n in self.featmap_names if n != "pool"] if levels > 1 else list(self.featmap_names)

@@ -19,14 +19,15 @@ from ocula.models.detection.boxes import BoxCoder, batched_nms, box_iou, clip_bo
 class RPNHead(nn.Module):
     """3x3 conv + ReLU (the "sliding window"), then 1x1 convs: k objectness logits and 4k box deltas per cell."""
 
-    def __init__(self, *, in_channels: int, num_anchors: int, conv_channels: int | None = None):
+    def __init__(self, *, in_channels: int, num_anchors: int, conv_channels: int | None = None,
+                 init_std: float = 0.01):
         super().__init__()
         mid = conv_channels or in_channels
         self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
         self.cls_logits = nn.Conv2d(mid, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(mid, 4 * num_anchors, 1)
         for layer in (self.conv, self.cls_logits, self.bbox_pred):
-            nn.init.normal_(layer.weight, std=0.01)  # the paper's Gaussian(0, 0.01) init for new layers
+            nn.init.normal_(layer.weight, std=init_std)  # the paper: new layers start from Gaussian(0, 0.01)
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -97,7 +98,7 @@ class RegionProposalNetwork(nn.Module):
                  pre_nms_top_n_train: int = 12000, post_nms_top_n_train: int = 2000,
                  pre_nms_top_n_test: int = 6000, post_nms_top_n_test: int = 300, nms_thresh: float = 0.7,
                  min_size: float = 1e-3, score_thresh: float = 0.0, ignore_cross_boundary: bool = True,
-                 allowed_border: float = 0.0, smooth_l1_beta: float = 1.0 / 9):
+                 allowed_border: float = 0.0, smooth_l1_beta: float = 1.0 / 9, box_loss_weight: float = 1.0):
         super().__init__()
         self.anchor_generator = anchor_generator
         self.head = head
@@ -114,6 +115,8 @@ class RegionProposalNetwork(nn.Module):
         self.ignore_cross_boundary = ignore_cross_boundary
         self.allowed_border = allowed_border
         self.smooth_l1_beta = smooth_l1_beta
+        # The paper's lambda. Both terms are divided by the sampled count (256), so lambda = 1 balances them.
+        self.box_loss_weight = box_loss_weight
 
     def forward(self, features: Sequence[Tensor], strides: Sequence[tuple[float, float]],
                 image_sizes: Sequence[tuple[int, int]],
@@ -178,5 +181,5 @@ class RegionProposalNetwork(nn.Module):
         loss_obj = F.binary_cross_entropy_with_logits(sampled_logits, torch.cat(sampled_labels),
                                                       reduction="sum") / num_sampled
         loss_box = F.smooth_l1_loss(torch.cat(pos_deltas), torch.cat(pos_targets), beta=self.smooth_l1_beta,
-                                    reduction="sum") / num_sampled
+                                    reduction="sum") * (self.box_loss_weight / num_sampled)
         return {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_box}
