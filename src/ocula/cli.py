@@ -85,28 +85,55 @@ def cmd_data_convert(args):
 
 
 # --- train / evaluate / export / predict ------------------------------------------------------------------
+def _given(args) -> dict:
+    """Training options set on the command line; the others keep the task's defaults."""
+    names = ("epochs", "batch_size", "lr", "schedule", "early_stopping", "weight_decay")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _run_dir(args, task: str, model: str) -> Path:
+    run_dir = Path(args.runs_dir) / task / (args.name or f"{Path(args.dataset).name}-{model}")
+    if run_dir.exists() and not args.resume and not args.overwrite:
+        raise OculaError("run folder exists; pass --resume to continue it, --overwrite to replace it, or --name",
+                         run_dir)
+    return run_dir
+
+
 def cmd_train(args):
     from ocula.data import registry
     from ocula.engine.trainer import TrainConfig
 
-    info = registry.get_info(args.dataset)
-    if info.task != "classify":
-        raise OculaError(f"training for task {info.task!r} is not wired to the CLI yet; classify datasets: "
-                         "digits, mnist, fashion-mnist")
+    task = "segment" if Path(args.dataset).is_dir() else registry.get_info(args.dataset).task
+    if task == "segment":
+        return _train_segment(args)
+    if task != "classify":
+        raise OculaError(f"training for task {task!r} is not wired to the CLI yet; classify datasets: "
+                         "digits, mnist, fashion-mnist; segment: wbc-sigtuple, wbc-zheng, isbi2012 or a folder")
     from ocula.tasks import classify
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         schedule=args.schedule, seed=args.seed, weight_decay=args.weight_decay,
-                         label_smoothing=args.label_smoothing, early_stopping=args.early_stopping,
-                         monitor="val_loss", mode="min", bf16=args.bf16, channels_last=args.channels_last,
-                         compile=args.compile, threads=args.threads)
-    name = args.name or f"{args.dataset}-{args.model}"
-    run_dir = Path(args.runs_dir) / "classify" / name
-    if run_dir.exists() and not args.resume and not args.overwrite:
-        raise OculaError("run folder exists; pass --resume to continue it, --overwrite to replace it, or --name",
-                         run_dir)
-    summary = classify.train(args.dataset, args.model, config, run_dir=run_dir, data_dir=args.data_dir,
-                             val_fraction=args.val_fraction, resume=args.resume, progress=not args.quiet)
+    model = args.model or "cnn"
+    if model not in ("svc", "cnn"):
+        raise OculaError(f"--model {model} does not classify; choose svc or cnn")
+    config = TrainConfig(**_given(args), optimizer=args.optimizer, seed=args.seed,
+                         label_smoothing=args.label_smoothing, monitor="val_loss", mode="min", bf16=args.bf16,
+                         channels_last=args.channels_last, compile=args.compile, threads=args.threads)
+    summary = classify.train(args.dataset, model, config, run_dir=_run_dir(args, "classify", model),
+                             data_dir=args.data_dir, val_fraction=args.val_fraction, resume=args.resume,
+                             progress=not args.quiet)
+    print(json.dumps(summary))
+
+
+def _train_segment(args):
+    from ocula.tasks import segment_train
+
+    model = args.model or "unet"
+    config = segment_train.default_config(model, **_given(args), optimizer=args.optimizer, seed=args.seed,
+                                          bf16=args.bf16, channels_last=args.channels_last, compile=args.compile,
+                                          threads=args.threads)
+    summary = segment_train.train(args.dataset, model, config, run_dir=_run_dir(args, "segment", model),
+                                  data_dir=args.data_dir, fold=args.fold, val_fraction=args.val_fraction,
+                                  crop=args.crop, crops_per_epoch=args.crops_per_epoch, resume=args.resume,
+                                  progress=not args.quiet)
     print(json.dumps(summary))
 
 
@@ -130,8 +157,15 @@ def cmd_export(args):
     if args.format == "onnx":
         from ocula.export.onnx import check_parity, export_onnx
 
-        out = export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"))
-        print(f"{out} (ONNX Runtime vs torch: max abs difference {check_parity(model, out):.2e})")
+        dense = model.info.task == "segment"
+        out = export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"), dynamic_hw=dense)
+        diff = check_parity(model, out)
+        if dense:  # height and width are dynamic: check a size unlike the traced one too
+            import torch
+
+            pre = model.info.preprocess
+            diff = max(diff, check_parity(model, out, torch.rand(1, pre["channels"], 500, 700) * pre["value_max"]))
+        print(f"{out} (ONNX Runtime vs torch: max abs difference {diff:.2e})")
     else:
         from ocula.export.coreml import export_coreml
 
@@ -142,8 +176,10 @@ def cmd_predict(args):
     import ocula
     from ocula.data.images import list_images
     from ocula.tasks.classify import predict_photo
+    from ocula.tasks.segment_train import predict_file
 
     model = ocula.load(args.model)
+    segment = model.info.task == "segment"
     files = []
     for item in args.inputs:
         files += list_images(item) if Path(item).is_dir() else [Path(item)]
@@ -154,7 +190,10 @@ def cmd_predict(args):
             steps = Path(args.steps) if len(files) == 1 else Path(args.steps).with_name(
                 f"{Path(args.steps).stem}-{f.stem}.png")
         try:
-            r = predict_photo(model, f, steps)
+            if segment:
+                r = predict_file(model, f, Path(args.out), pixel_size=args.pixel_size)
+            else:
+                r = predict_photo(model, f, steps)
         except OculaError as e:
             if len(files) == 1:
                 raise
@@ -163,7 +202,10 @@ def cmd_predict(args):
             print(f"ocula: error: {e}", file=sys.stderr)
         results.append(r)
         if not args.json and "error" not in r:
-            print(f"{r['file']}: {r['class']} (probability {r['probability']:.2f})")
+            if segment:
+                print(f"{r['file']}: {r['count']} cells; {r['mask']}, {r['overlay']}, {r['cells_csv']}")
+            else:
+                print(f"{r['file']}: {r['class']} (probability {r['probability']:.2f})")
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     return 1 if failed else 0
@@ -240,17 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/")
     c.add_argument("dataset")
-    c.add_argument("--model", default="cnn", choices=["svc", "cnn"])
+    c.add_argument("--model", choices=["svc", "cnn", "unet", "unet-seed"],
+                   help="default: cnn to classify, unet to segment")
     c.add_argument("--name", help="run name (default DATASET-MODEL)")
-    c.add_argument("--epochs", type=int, default=30)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--lr", type=float, default=3e-3)
-    c.add_argument("--weight-decay", type=float, default=5e-4)
+    # Unset options take the task's defaults (classify: 30 epochs, batch 128, lr 3e-3, one-cycle, weight decay
+    # 5e-4; segment: 40 epochs, batch 8, lr 2e-3 / 3e-4 seed, LR on plateau, early stopping 10, weight decay 1e-4).
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--lr", type=float)
+    c.add_argument("--weight-decay", type=float)
     c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    c.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "plateau", "constant"])
+    c.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "constant"])
     c.add_argument("--label-smoothing", type=float, default=0.0)
-    c.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE")
+    c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     c.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for selection")
+    c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
+    c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
+    c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=0)
     c.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -274,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", required=True, choices=["onnx", "coreml"])
     c.add_argument("--out")
 
-    c = command("predict", cmd_predict, "predict photos of handwritten digits (files or folders)")
+    c = command("predict", cmd_predict, "predict files or folders: digit photos (classify), or masks, overlays "
+                "and cell tables (segment)")
     c.add_argument("model")
     c.add_argument("inputs", nargs="+")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--steps", help="PNG drawing each preprocessing stage")
+    c.add_argument("--steps", help="classify: PNG drawing each preprocessing stage")
+    c.add_argument("--out", default="predictions", help="segment: folder for masks, overlays and cell tables")
+    c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
 
     inspect = sub.add_parser("inspect", help="look inside models")
     isub = inspect.add_subparsers(dest="inspect_command", required=True)
