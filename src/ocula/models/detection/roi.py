@@ -128,35 +128,42 @@ def roi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Te
 
     The RoI is rounded to whole feature cells, split into output_size bins of floor/ceil cell ranges, and each
     bin takes the max of its cells; a bin with no cells inside the map is 0. Returns [K, C, PH, PW].
+
+    A bin of h x w cells starting at (y, x) is max_pool2d((h, w), stride=1)[y, x], so each distinct bin size
+    costs one pooling pass over the map and one gather, whatever the number of RoIs.
     """
     _check_input(input)
     rois = _as_rois(rois).to(input.dtype)
     ph, pw = _pair(output_size)
     n, c, height, width = input.shape
-    out = input.new_zeros((rois.shape[0], c, ph, pw))
-    if rois.shape[0] == 0:
-        return out
+    k = rois.shape[0]
+    out = input.new_zeros((k * ph * pw, c))
+    if k == 0:
+        return out.reshape(0, c, ph, pw)
     x1, y1, x2, y2 = _round_half_away(rois[:, 1:] * spatial_scale).long().unbind(1)
-    rows, rows_ok = _pool_ranges(y1, y2, ph, height, input.dtype)
-    cols, cols_ok = _pool_ranges(x1, x2, pw, width, input.dtype)
-    batch = rois[:, 0].long()
-    feat = input.permute(0, 2, 3, 1)  # channels last: each gathered cell is one contiguous C vector
-    kh, kw = rows.shape[2], cols.shape[2]
-    for lo, hi in _chunks(rois.shape[0], ph * kh * pw * kw * c):
-        r, cl = rows[lo:hi], cols[lo:hi]
-        vals = feat[batch[lo:hi, None, None, None, None], r[:, :, :, None, None], cl[:, None, None, :, :]]
-        ok = rows_ok[lo:hi, :, :, None, None] & cols_ok[lo:hi, None, None, :, :]
-        vals = vals.masked_fill(~ok[..., None], float("-inf"))
-        # [k, PH, Kh, PW, Kw, C] -> [k, C, PH, PW, Kh * Kw]; max() sends the gradient to one cell, like torchvision.
-        vals = vals.permute(0, 5, 1, 3, 2, 4).reshape(hi - lo, c, ph, pw, kh * kw)
-        best = vals.max(dim=-1).values
-        empty = ~ok.any(dim=4).any(dim=2)  # [k, PH, PW]
-        out[lo:hi] = best.masked_fill(empty[:, None], 0.0)
-    return out
+    row0, row1 = _pool_ranges(y1, y2, ph, height, input.dtype)  # [K, PH]
+    col0, col1 = _pool_ranges(x1, x2, pw, width, input.dtype)  # [K, PW]
+    shape = (k, ph, pw)
+    bin_h = (row1 - row0)[:, :, None].expand(shape).reshape(-1)
+    bin_w = (col1 - col0)[:, None, :].expand(shape).reshape(-1)
+    ys = row0[:, :, None].expand(shape).reshape(-1)
+    xs = col0[:, None, :].expand(shape).reshape(-1)
+    batch = rois[:, 0].long()[:, None, None].expand(shape).reshape(-1)
+    filled = (bin_h > 0) & (bin_w > 0)
+    size_key = bin_h * (width + 1) + bin_w
+    feat = input.contiguous(memory_format=torch.channels_last)  # max_pool2d is far faster channels-last on CPU
+    for key in torch.unique(size_key[filled]).tolist():
+        bh, bw = divmod(key, width + 1)
+        idx = torch.nonzero(filled & (size_key == key)).flatten()
+        pooled = F.max_pool2d(feat, (bh, bw), stride=1)  # [N, C, H - bh + 1, W - bw + 1], channels-last
+        hh, ww = pooled.shape[-2:]
+        table = pooled.permute(0, 2, 3, 1).reshape(-1, c)  # one row of C values per window position
+        out[idx] = table.index_select(0, (batch[idx] * hh + ys[idx]) * ww + xs[idx])
+    return out.reshape(k, ph, pw, c).permute(0, 3, 1, 2).contiguous()
 
 
 def _pool_ranges(start: Tensor, end: Tensor, bins: int, size: int, dtype) -> tuple[Tensor, Tensor]:
-    """Cell indices [K, bins, Kmax] of each bin along one axis (clamped into the map) and which are real.
+    """First and one-past-last cell [K, bins] of each bin along one axis, clamped into the map.
 
     Bin edges are computed in the feature dtype, as torchvision does, so floor/ceil land on the same cells.
     """
@@ -164,10 +171,7 @@ def _pool_ranges(start: Tensor, end: Tensor, bins: int, size: int, dtype) -> tup
     p = torch.arange(bins, device=start.device, dtype=dtype)
     lo = torch.floor(p * bin_size).long() + start[:, None]
     hi = torch.ceil((p + 1) * bin_size).long() + start[:, None]
-    lo, hi = lo.clamp(0, size), hi.clamp(0, size)
-    kmax = max(int((hi - lo).max()), 1)
-    cells = lo[..., None] + torch.arange(kmax, device=start.device)
-    return cells.clamp(max=size - 1), cells < hi[..., None]
+    return lo.clamp(0, size), hi.clamp(0, size)
 
 
 class MultiScaleRoIAlign(nn.Module):
