@@ -27,7 +27,7 @@ def export_onnx(model, path: str | Path, *, dynamic_hw: bool = False, opset: int
     with atomic_path(path) as tmp:
         try:
             torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["scores"],
-                              dynamic_axes={"image": axes, "scores": {0: "batch"}}, opset_version=opset,
+                              dynamic_axes={"image": axes, "scores": axes}, opset_version=opset,
                               dynamo=False)
         except Exception as e:  # the exporter's errors are long; keep the first line
             raise OculaError(f"ONNX export failed: {str(e).strip().splitlines()[0]}", path) from None

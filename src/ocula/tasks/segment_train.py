@@ -284,10 +284,11 @@ def split(data: MaskDataset, *, fold: int | None, n_folds: int = 5, val_fraction
 
 def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None,
           fold: int | None = None, n_folds: int = 5, val_fraction: float = 0.1, crop: int | None = None,
-          augment: str | None = None, crops_per_epoch: int | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          augment: str | None = None, crops_per_epoch: int | None = None, arch_args: dict | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
     """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder) and fill run_dir:
-    config.json, metrics.csv, best/last/model.ocula, val_predictions.png, summary.json."""
+    config.json, metrics.csv, best/last/model.ocula, val_predictions.png, summary.json. `arch_args` override the
+    named U-Net's arguments (e.g. widths)."""
     run_dir = Path(run_dir)
     data = load_dataset(dataset, data_dir)
     setup = {**DATASETS.get(dataset, DEFAULT_SETUP)}
@@ -295,12 +296,12 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
     train_set, val_set = split(data, fold=fold, n_folds=n_folds, val_fraction=val_fraction, seed=config.seed)
     write_json(run_dir / "config.json", {
         "task": "segment", "dataset": dataset, "model": model_name, "fold": fold, "n_folds": n_folds,
-        "val_fraction": val_fraction, **setup, "crops_per_epoch": crops_per_epoch,
+        "val_fraction": val_fraction, **setup, "crops_per_epoch": crops_per_epoch, "arch_args": arch_args,
         "train_images": len(train_set), "val_images": len(val_set) if val_set else 0, "train": asdict(config)})
     start = time.perf_counter()
     model, info, history = fit(train_set, model_name, config, val_set=val_set, crop=setup["crop"],
                                augment=setup["augment"], crops_per_epoch=crops_per_epoch, run_dir=run_dir,
-                               resume=resume, progress=progress)
+                               resume=resume, progress=progress, arch_args=arch_args)
     seconds = time.perf_counter() - start
     summary = {"dataset": dataset, "model": model_name, "fold": fold, "epochs": len(history),
                "train_seconds": round(seconds, 2)}

@@ -1,0 +1,172 @@
+"""Segmentation end to end on synthetic smears: training fills a run folder, the model file round-trips, the CLI
+predicts masks / overlays / cell tables, and the ONNX export keeps height and width dynamic."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ocula
+from ocula.data.segmentation import index_mask, load_mask_folder
+from ocula.modelfile import ModelInfo, save_model
+from ocula.models import build
+from ocula.tasks import segment_train
+
+from conftest import DATASETS, need
+
+TINY = {"widths": [4, 8, 16]}
+
+
+def smear(rng, h, w, cells=2):
+    """A pale noisy background with purple discs (the 'cells'); mask 0/255."""
+    image = (np.full((h, w, 3), 215) + rng.integers(0, 25, (h, w, 3))).astype(np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(cells):
+        r = int(rng.integers(5, 8))
+        cy, cx = rng.integers(r, h - r), rng.integers(r, w - r)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        mask[disc], image[disc] = 255, (125, 45, 150)
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smears")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # ten small patches and two larger images, like SigTuple
+        image, mask = smear(rng, *((48, 48) if i < 10 else (90, 130)))
+        Image.fromarray(image).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(folder, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "smears-unet"
+    config = segment_train.default_config("unet", epochs=3, batch_size=4, lr=1e-2, threads=1)
+    summary = segment_train.train(str(folder), "unet", config, run_dir=run_dir, crop=32, arch_args=TINY,
+                                  progress=False)
+    return run_dir, summary
+
+
+def tiny_model_file(path, classes=("background", "wbc")):
+    """An untrained tiny segmentation model file, as training would write it."""
+    args = {**TINY, "num_classes": 1 if len(classes) == 2 else len(classes), "mean": [0.8, 0.7, 0.8],
+            "std": [0.1, 0.15, 0.1], "norm": "batch", "residual": True}
+    torch.manual_seed(0)
+    model = build("normalized-unet", **args).eval()
+    pre = {"channels": 3, "value_max": 255.0, "input_size": [32, 32], "tile": 64, "overlap": 0.25,
+           "threshold": 0.5, "output": "binary" if len(classes) == 2 else "multiclass"}
+    save_model(path, model, ModelInfo("segment", "normalized-unet", args, list(classes), pre))
+    return path
+
+
+def test_training_fills_the_run_folder_and_the_loss_falls(run):
+    run_dir, summary = run
+    for name in ("config.json", "metrics.csv", "best.ocula", "last.ocula", "model.ocula", "val_predictions.png",
+                 "summary.json"):
+        assert (run_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert len(rows) == 3 and {"loss", "val_dice", "val_image_dice"} <= set(rows[0])
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert summary["val_dice"] == max(float(r["val_dice"]) for r in rows)  # model.ocula is the best epoch
+    assert json.loads((run_dir / "config.json").read_text())["train"]["monitor"] == "val_dice"
+
+
+def test_model_file_round_trip(run, folder):
+    run_dir, summary = run
+    model = ocula.load(run_dir / "model.ocula")
+    info = model.info
+    assert (info.task, info.arch, info.classes) == ("segment", "normalized-unet", ["background", "foreground"])
+    assert info.preprocess["output"] == "binary" and info.preprocess["tile"] == 64
+    assert info.metrics["val_dice"] == summary["val_dice"]
+    again = ocula.load(run_dir / "model.ocula")
+    x = torch.rand(1, 3, 45, 61) * 255
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    pairs = segment_train.decode(load_mask_folder(folder))
+    scores = segment_train.evaluate(model, pairs[-2:], **segment_train.tiling(info))  # larger than one tile
+    assert scores["images"] == 2 and 0 <= scores["dice"] <= 1
+
+
+def test_crops_are_repeatable_and_follow_image_area(folder):
+    pairs = segment_train.decode(load_mask_folder(folder))
+    batches = segment_train.CropBatches(pairs, crop=32, batch_size=4)
+    # 48x48 -> round(2304 / 1024) = 2 visits each; 90x130 -> 11 each.
+    assert batches.crops == 10 * 2 + 2 * 11 and len(batches) == 11
+    first = [x for x, _ in batches(torch.Generator().manual_seed(3))]
+    again = [x for x, _ in batches(torch.Generator().manual_seed(3))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    x, y = next(iter(segment_train.CropBatches(pairs, crop=32, batch_size=4, crops=6)(torch.Generator())))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.max() > 1
+    assert y.shape == (4, 32, 32) and set(y.unique().tolist()) <= {0, 1}
+
+
+def predict(*args):
+    # One thread, like conftest: on a busy 2-core machine two threads per tiny conv cost ten times more.
+    return subprocess.run([sys.executable, "-m", "ocula", "predict", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_predict_writes_mask_overlay_and_cells(run, tmp_path):
+    run_dir, _ = run
+    image, _ = smear(np.random.default_rng(5), 150, 170, cells=3)
+    Image.fromarray(image).save(tmp_path / "smear.png")
+    out = predict(run_dir / "model.ocula", tmp_path / "smear.png", "--out", tmp_path / "out", "--pixel-size", 0.5,
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    mask = np.asarray(Image.open(tmp_path / "out" / "smear-mask.png"))
+    assert mask.shape == (150, 170) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(tmp_path / "out" / "smear-overlay.png").size == (170, 150)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "smear-cells.csv")))
+    assert len(rows) == result["count"] == json.loads((tmp_path / "out" / "smear-cells.json").read_text())["count"]
+    if rows:
+        assert "area_um2" in rows[0]
+
+
+def test_multiclass_mask_is_a_palette_of_class_indices(tmp_path):
+    classes = ("background", "cytoplasm", "nucleus")
+    model = ocula.load(tiny_model_file(tmp_path / "m.ocula", classes))
+    image, _ = smear(np.random.default_rng(1), 70, 90)
+    Image.fromarray(image).save(tmp_path / "cell.png")
+    r = segment_train.predict_file(model, tmp_path / "cell.png", tmp_path / "out")
+    assert Image.open(r["mask"]).mode == "P"
+    assert set(np.unique(index_mask(tmp_path / "out" / "cell-mask.png"))) <= {0, 1, 2}
+
+
+def test_bad_image_is_one_line_naming_the_file(tmp_path):
+    model = tiny_model_file(tmp_path / "m.ocula")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    out = predict(model, tmp_path / "broken.jpg", "--out", tmp_path / "out")
+    assert out.returncode == 1 and "broken.jpg" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_onnx_parity_at_two_sizes_through_the_model_file(run, tmp_path):
+    from ocula.export.onnx import check_parity, export_onnx
+
+    run_dir, _ = run
+    model = ocula.load(run_dir / "model.ocula")
+    path = export_onnx(model, tmp_path / "m.onnx", dynamic_hw=True)
+    for size in [(128, 128), (500, 700)]:
+        assert check_parity(model, path, torch.rand(1, 3, *size) * 255) < 1e-4
+
+
+def test_predict_sigtuple_test_images_with_an_untrained_model(tmp_path):
+    test_data = need(DATASETS / "wbc_sigtuple" / "SigTuple_data" / "Test_Data")
+    images = sorted(test_data.iterdir())[:2]
+    model = tiny_model_file(tmp_path / "m.ocula")
+    out = predict(model, *images, "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    for image in images:
+        assert (tmp_path / "out" / f"{image.stem}-cells.csv").is_file()
