@@ -299,6 +299,17 @@ def test_pyramid_backbone_and_roi_pool():
     assert all(torch.isfinite(v) for v in model(images, targets).values())
 
 
+def test_pyramid_defaults_from_declared_strides():
+    class Declared(nn.Module):  # only the attributes FasterRCNN reads at construction
+        out_channels = 8
+        strides = {"p4": 16, "p5": 32, "p6": 64}
+
+    model = FasterRCNN(backbone=Declared(), num_classes=1)
+    assert model.rpn.anchor_generator.sizes == [(128.0,), (256.0,), (512.0,)]  # 8 x stride, 3 ratios each
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3, 3, 3]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["p4", "p5"]  # P6 feeds the RPN only
+
+
 def test_bad_input_raises_one_line_errors():
     model = tiny_model()
     images, targets = synthetic_pair()

@@ -100,8 +100,7 @@ class FasterRCNN(nn.Module):
             ignore_cross_boundary=rpn_ignore_cross_boundary, allowed_border=rpn_allowed_border,
             smooth_l1_beta=rpn_smooth_l1_beta, box_loss_weight=rpn_box_loss_weight)
 
-        roi_names = list(roi_featmap_names) if roi_featmap_names is not None else \
-            [n for n in self.featmap_names if n != "pool"] if levels > 1 else list(self.featmap_names)
+        roi_names = list(roi_featmap_names) if roi_featmap_names is not None else self._default_roi_names()
         unknown = set(roi_names) - set(self.featmap_names)
         if unknown:
             raise OculaError(f"roi_featmap_names {sorted(unknown)} are not among the feature maps {self.featmap_names}")
@@ -137,6 +136,18 @@ class FasterRCNN(nn.Module):
             positive_fraction=box_positive_fraction, bbox_reg_weights=tuple(bbox_reg_weights),
             score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
             min_size=box_min_size, smooth_l1_beta=box_smooth_l1_beta)
+
+    def _default_roi_names(self) -> list[str]:
+        """All maps, except that a pyramid pools RoIs from strides <= 32 only: as in the FPN paper, the extra
+        coarser level (P6, torchvision's "pool") serves the RPN alone."""
+        names = self.featmap_names
+        if len(names) == 1:
+            return list(names)
+        if self.known_strides is not None:
+            kept = [n for n, s in zip(names, self.known_strides) if s <= 32]
+        else:
+            kept = [n for n in names if n not in ("pool", "p6")]
+        return kept or list(names)
 
     def forward(self, images: Tensor | Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
