@@ -144,6 +144,10 @@ def test_roi_align_empty_and_bad_input():
         roi_align(feat, torch.zeros(3, 4), 7)
     with pytest.raises(OculaError):
         roi_align(feat[0], torch.zeros(3, 5), 7)
+    with pytest.raises(OculaError, match="batch indices"):
+        roi_align(feat, torch.tensor([[1.0, 0, 0, 2, 2]]), 7)
+    with pytest.raises(OculaError, match="batch indices"):
+        roi_pool(feat, [torch.zeros(1, 4), torch.zeros(1, 4)], 7)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 3])

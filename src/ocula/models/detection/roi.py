@@ -36,9 +36,11 @@ def _as_rois(rois) -> Tensor:
     return torch.cat(parts)
 
 
-def _check_input(input: Tensor) -> None:
+def _check_input(input: Tensor, rois: Tensor) -> None:
     if input.dim() != 4:
         raise OculaError(f"RoI input must be a [N, C, H, W] feature map, got shape {tuple(input.shape)}")
+    if rois.numel() and (rois[:, 0].min() < 0 or rois[:, 0].max() >= input.shape[0]):
+        raise OculaError(f"RoI batch indices must lie in 0..{input.shape[0] - 1}")
 
 
 def _chunks(n: int, per_item: int):
@@ -57,8 +59,8 @@ def roi_align(input: Tensor, rois, output_size, spatial_scale: float = 1.0, samp
     are zero, the rest are clamped to the border; `aligned` shifts the RoI by half a pixel so that pixel centres,
     not corners, line up with the box coordinates; without it, RoIs are at least 1x1. Returns [K, C, PH, PW].
     """
-    _check_input(input)
-    rois = _as_rois(rois).to(input.dtype)
+    rois = _as_rois(rois).to(device=input.device, dtype=input.dtype)
+    _check_input(input, rois)
     ph, pw = _pair(output_size)
     n, c, height, width = input.shape
     out = input.new_zeros((rois.shape[0], c, ph, pw))
@@ -132,8 +134,8 @@ def roi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Te
     A bin of h x w cells starting at (y, x) is max_pool2d((h, w), stride=1)[y, x], so each distinct bin size
     costs one pooling pass over the map and one gather, whatever the number of RoIs.
     """
-    _check_input(input)
-    rois = _as_rois(rois).to(input.dtype)
+    rois = _as_rois(rois).to(device=input.device, dtype=input.dtype)
+    _check_input(input, rois)
     ph, pw = _pair(output_size)
     n, c, height, width = input.shape
     k = rois.shape[0]
