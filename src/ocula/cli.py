@@ -212,25 +212,34 @@ def cmd_predict(args):
 
 
 def cmd_inspect_rf(args):
-    import torch
-
-    from ocula.models.detection.receptive_field import receptive_field_table
+    from ocula.models.detection.receptive_field import feature_cell_box, receptive_field
 
     if Path(args.model).is_file():
         import ocula
 
         model = ocula.load(args.model)
         pre = model.info.preprocess
-        shape = (1, pre.get("channels", 3), *pre.get("input_size", (224, 224)))
+        size, channels = tuple(pre.get("input_size", (args.size, args.size))), pre.get("channels", 3)
     else:
         from ocula.models.backbones import build_backbone
 
-        model, shape = build_backbone(args.model), (1, 3, args.size, args.size)
-    rows = receptive_field_table(model, torch.zeros(shape))
-    print(f"{'layer':40s} {'k':>3s} {'s':>3s} {'p':>3s} {'RF':>5s} {'jump':>5s} {'start':>7s}")
+        model, size, channels = build_backbone(args.model), (args.size, args.size), 3
+    rows = receptive_field(model.eval(), size, channels)
+    print(f"{'layer':36s} {'kernel':>8s} {'stride':>8s} {'pad':>6s} {'RF':>10s} {'jump':>8s} {'start':>12s}")
     for r in rows:
-        print(f"{r['layer'][:40]:40s} {r['kernel']:3d} {r['stride']:3d} {r['padding']:3d} {r['rf']:5d} "
-              f"{r['jump']:5d} {r['start']:7.1f}")
+        print(f"{r.name[:36]:36s} {_fmt(r.kernel):>8s} {_fmt(r.stride):>8s} {_fmt(r.padding):>6s} {_fmt(r.r):>10s} "
+              f"{_fmt(r.j):>8s} {_fmt(r.start):>12s}")
+    if rows and args.cell:
+        i, j = args.cell
+        print(f"feature cell ({i}, {j}) of {rows[-1].name} sees image box (x0, y0, x1, y1) = "
+              f"{tuple(round(v, 1) for v in feature_cell_box(rows[-1], i, j))}")
+
+
+def _fmt(v) -> str:
+    """A per-axis pair prints as one number when both axes agree."""
+    if isinstance(v, tuple):
+        return _fmt(v[0]) if v[0] == v[1] else "x".join(_fmt(x) for x in v)
+    return f"{v:g}"
 
 
 def cmd_demo(args):
@@ -335,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     isub = inspect.add_subparsers(dest="inspect_command", required=True)
     c = command("receptive-field", cmd_inspect_rf, "receptive field, jump and start per layer", isub)
     c.add_argument("model", help="model file or backbone name (resnet18, ...)")
-    c.add_argument("--size", type=int, default=224)
+    c.add_argument("--size", type=int, default=224, help="input size for a backbone name")
+    c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
 
     c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
     c.add_argument("--runs-dir", default=str(RUNS))
