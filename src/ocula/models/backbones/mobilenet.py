@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .base import TappedFeatures, init_weights
 from .norms import Norm, resolve_norm
 
 LEVELS = ("c2", "c3", "c4", "c5")
@@ -80,7 +81,7 @@ class InvertedResidualV3(nn.Module):
         return x + self.block(x) if self.use_residual else self.block(x)
 
 
-class MobileNet(nn.Module):
+class MobileNet(TappedFeatures, nn.Module):
     """`features` (a Sequential of stem, inverted-residual blocks and a last 1x1 conv), then pool and `classifier`.
 
     The builders below fill it for v2 and v3. `forward_features(x)` returns, for strides 4, 8, 16, 32, the
@@ -107,28 +108,7 @@ class MobileNet(nn.Module):
                 self.strides[level] = stride
         self._taps = {index: level for level, index in last_at.items()}
         self.num_features = layers[-1][2]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {}
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in self._taps:
-                feats[self._taps[index]] = x
-        return feats
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)["c5"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import TappedFeatures, init_weights
 from .norms import Norm, resolve_norm
 
 LEVELS = ("c2", "c3", "c4", "c5")
@@ -13,7 +14,7 @@ LEVELS = ("c2", "c3", "c4", "c5")
 VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
-class VGG(nn.Module):
+class VGG(TappedFeatures, nn.Module):
     """`features` (3x3 conv, norm, ReLU; max-pools between), 7x7 average pool, three-layer `classifier`.
 
     `forward_features(x)` returns, for strides 4, 8, 16, 32, the last activation at that stride ('c2'..'c4'
@@ -53,27 +54,7 @@ class VGG(nn.Module):
             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(4096, num_classes),
         ) if num_classes else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {}
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index in self._taps:
-                feats[self._taps[index]] = x
-        return feats
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)["c5"]
