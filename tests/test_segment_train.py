@@ -111,10 +111,25 @@ def test_crops_are_repeatable_and_follow_image_area(folder):
     assert y.shape == (4, 32, 32) and set(y.unique().tolist()) <= {0, 1}
 
 
-def predict(*args):
+def cli(*args):
     # One thread, like conftest: on a busy 2-core machine two threads per tiny conv cost ten times more.
-    return subprocess.run([sys.executable, "-m", "ocula", "predict", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", "ocula", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def predict(*args):
+    return cli("predict", *args)
+
+
+def test_cli_trains_a_segmentation_folder(folder, tmp_path):
+    out = cli("train", folder, "--epochs", 1, "--crop", 32, "--crops-per-epoch", 8, "--batch-size", 4,
+              "--runs-dir", tmp_path, "--quiet")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["model"] == "unet" and summary["epochs"] == 1
+    assert (tmp_path / "segment" / f"{folder.name}-unet" / "model.ocula").is_file()
+    again = cli("train", folder, "--epochs", 1, "--runs-dir", tmp_path)
+    assert again.returncode == 1 and "run folder exists" in again.stderr
 
 
 def test_cli_predict_writes_mask_overlay_and_cells(run, tmp_path):
