@@ -12,6 +12,8 @@ ARCHITECTURES = {
     "cnn": "ocula.models.classifiers:SmallCNN",
     "unet": "ocula.models.unet:UNet",
     "normalized-unet": "ocula.models.unet:NormalizedUNet",
+    "fcos": "ocula.models.detection.fcos:FCOS",
+    "faster-rcnn": "ocula.models.detection.builders:faster_rcnn_fpn",
 }
 
 
