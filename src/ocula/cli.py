@@ -106,6 +106,8 @@ def cmd_train(args):
     task = "segment" if Path(args.dataset).is_dir() else registry.get_info(args.dataset).task
     if task == "segment":
         return _train_segment(args)
+    if task == "detect":
+        return _train_detect(args)
     if task != "classify":
         raise OculaError(f"training for task {task!r} is not wired to the CLI yet; classify datasets: "
                          "digits, mnist, fashion-mnist; segment: wbc-sigtuple, wbc-zheng, isbi2012 or a folder")
@@ -137,6 +139,16 @@ def _train_segment(args):
     print(json.dumps(summary))
 
 
+def _train_detect(args):
+    from ocula.tasks import detect
+
+    model = args.model or "fcos"
+    config = detect.default_config(model, **_given(args), seed=args.seed, threads=args.threads)
+    summary = detect.train(args.dataset, model, config, run_dir=_run_dir(args, "detect", model),
+                           minutes=args.minutes, data_dir=args.data_dir, progress=not args.quiet)
+    print(json.dumps(summary))
+
+
 def cmd_evaluate(args):
     import ocula
     from ocula.data import registry
@@ -146,6 +158,14 @@ def cmd_evaluate(args):
     dataset = args.data or model.info.preprocess.get("dataset")
     data = registry.load(dataset, args.split, args.data_dir)
     out = Path(args.out or Path(args.model).parent / f"eval-{dataset}-{args.split}")
+    if model.info.task == "detect":
+        from ocula.tasks import detect
+
+        r = detect.write_evaluation(model, data, out)
+        per_class = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50"].items())
+        print(f"mAP@.5 {r['map50']:.4f}, mAP@[.5:.95] {r['map']:.4f} (AP@.5 {per_class}) on {len(data)} images "
+              f"of {dataset}/{args.split}; figures in {out}")
+        return
     result = classify.write_evaluation(model, data, out)
     print(f"accuracy {result['accuracy']:.4f} on {result['n']} images of {dataset}/{args.split}; figures in {out}")
 
@@ -154,6 +174,15 @@ def cmd_export(args):
     import ocula
 
     model = ocula.load(args.model)
+    if model.info.task == "detect":
+        from ocula.tasks import detect
+
+        if args.format != "onnx":
+            raise OculaError("detection models export to ONNX only (--format onnx)")
+        out = detect.export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"))
+        diff = detect.check_onnx_parity(model, out)
+        print(f"{out} (ONNX Runtime vs torch: same detections, boxes within {diff:.2e} px; NMS runs after ORT)")
+        return
     if args.format == "onnx":
         from ocula.export.onnx import check_parity, export_onnx
 
@@ -180,6 +209,7 @@ def cmd_predict(args):
 
     model = ocula.load(args.model)
     segment = model.info.task == "segment"
+    detecting = model.info.task == "detect"
     files = []
     for item in args.inputs:
         files += list_images(item) if Path(item).is_dir() else [Path(item)]
@@ -190,7 +220,11 @@ def cmd_predict(args):
             steps = Path(args.steps) if len(files) == 1 else Path(args.steps).with_name(
                 f"{Path(args.steps).stem}-{f.stem}.png")
         try:
-            if segment:
+            if detecting:
+                from ocula.tasks.detect import predict_file as detect_file
+
+                r = detect_file(model, f, Path(args.out))
+            elif segment:
                 r = predict_file(model, f, Path(args.out), pixel_size=args.pixel_size)
             else:
                 r = predict_photo(model, f, steps)
@@ -202,7 +236,10 @@ def cmd_predict(args):
             print(f"ocula: error: {e}", file=sys.stderr)
         results.append(r)
         if not args.json and "error" not in r:
-            if segment:
+            if detecting:
+                counts = ", ".join(f"{c} {n}" for c, n in r["counts"].items())
+                print(f"{r['file']}: {counts}; {r['image']}, {r['json']}")
+            elif segment:
                 print(f"{r['file']}: {r['count']} cells; {r['mask']}, {r['overlay']}, {r['cells_csv']}")
             else:
                 print(f"{r['file']}: {r['class']} (probability {r['probability']:.2f})")
@@ -291,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/")
     c.add_argument("dataset")
-    c.add_argument("--model", choices=["svc", "cnn", "unet", "unet-seed"],
-                   help="default: cnn to classify, unet to segment")
+    c.add_argument("--model", choices=["svc", "cnn", "unet", "unet-seed", "fcos", "faster-rcnn"],
+                   help="default: cnn to classify, unet to segment, fcos to detect")
     c.add_argument("--name", help="run name (default DATASET-MODEL)")
     # Unset options take the task's defaults (classify: 30 epochs, batch 128, lr 3e-3, one-cycle, weight decay
     # 5e-4; segment: 40 epochs, batch 8, lr 2e-3 / 3e-4 seed, LR on plateau, early stopping 10, weight decay 1e-4).
@@ -308,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
+    c.add_argument("--minutes", type=float, default=40.0, help="detect: wall-clock training budget")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=0)
     c.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -337,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("inputs", nargs="+")
     c.add_argument("--json", action="store_true")
     c.add_argument("--steps", help="classify: PNG drawing each preprocessing stage")
-    c.add_argument("--out", default="predictions", help="segment: folder for masks, overlays and cell tables")
+    c.add_argument("--out", default="predictions", help="segment: masks, overlays and cell tables; detect: boxes "
+                   "drawn (PNG) and JSON")
     c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
 
     inspect = sub.add_parser("inspect", help="look inside models")
