@@ -205,13 +205,14 @@ def giou_loss(a: Tensor, b: Tensor) -> Tensor:
 class FCOSLoss:
     """Focal class loss + GIoU box loss (weighted by centerness) + centerness BCE, over `FCOS.raw` outputs.
 
-    Assignment: a cell is positive for a box when its centre lies inside the box and within `radius` strides of
-    the box centre, and the box's largest distance from it falls in that level's `ranges` band; a cell claimed by
-    several boxes takes the smallest. `ignore` [N, C] bool marks classes whose unlabelled instances an image may
+    Assignment: each box belongs to the level whose `ranges` band holds half its longer side (so every box has
+    exactly one level, which per-cell distance bands do not guarantee); a cell of that level is positive when its
+    centre lies inside the box and within `radius` strides of the box centre; a cell claimed by several boxes
+    takes the smallest. `ignore` [N, C] bool marks classes whose unlabelled instances an image may
     hold (e.g. a smear with no RBC boxes): their negatives are not penalised in that image.
     """
 
-    def __init__(self, *, num_classes: int, strides=STRIDES, ranges=((0, 32), (32, 64), (64, 1e8)),
+    def __init__(self, *, num_classes: int, strides=STRIDES, ranges=((0, 28), (28, 64), (64, 1e8)),
                  radius: float = 1.5):
         self.num_classes, self.strides, self.ranges, self.radius = num_classes, strides, ranges, radius
 
@@ -224,8 +225,8 @@ class FCOSLoss:
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         r = stride[:, None] * self.radius
         near = ((x - cx).abs() < r) & ((y - cy).abs() < r)
-        reach = ltrb.max(-1).values
-        ok = (ltrb.min(-1).values > 0) & near & (reach >= lo[:, None]) & (reach <= hi[:, None])
+        reach = torch.max(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[None] / 2
+        ok = (ltrb.min(-1).values > 0) & near & (reach >= lo[:, None]) & (reach < hi[:, None])
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand_as(ok)
         area = torch.where(ok, area, torch.full_like(area, math.inf))
         best, idx = area.min(1)
