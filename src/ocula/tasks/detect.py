@@ -45,6 +45,7 @@ PRESETS = {
 }
 INPUT_SIZE = (384, 512)  # h, w the 480 x 640 BCCD smears are resized to (0.8x): platelets stay ~24 px
 SCORE_THRESH = 0.4  # drawn / counted detections; evaluation uses every detection above 0.05
+NMS_THRESH = 0.6  # class-wise NMS IoU unless the model file records one tuned on validation
 
 
 # --- running a detector at its input size ------------------------------------------------------------------
@@ -72,9 +73,27 @@ def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05) -> list
     model.eval()
     if is_fcos(model):
         boxes, scores = model(x)
-        return postprocess(boxes, scores, score_thresh=score_thresh)
+        return postprocess(boxes, scores, score_thresh=score_thresh, nms_thresh=nms_threshold(model))
     model.roi_heads.score_thresh = score_thresh
+    model.roi_heads.nms_thresh = nms_threshold(model)
     return model(list(x / 255.0))
+
+
+def nms_threshold(model) -> float:
+    info = getattr(model, "info", None)
+    return info.preprocess.get("nms_thresh", NMS_THRESH) if info else NMS_THRESH
+
+
+def tune_nms(model, data, candidates=(0.45, 0.5, 0.55, 0.6, 0.65, 0.7)) -> dict[float, float]:
+    """Pick the class-wise NMS IoU threshold by mAP@.5 on `data` (a validation split: overlapping RBCs make it
+    matter) and record it in the model's preprocessing; returns {threshold: mAP@.5}."""
+    images, targets = zip(*(data[i] for i in range(len(data))))
+    scores = {}
+    for t in candidates:
+        model.info.preprocess["nms_thresh"] = t
+        scores[t] = coco_evaluate(list(targets), detect_images(model, list(images)), data.classes)["map50"]
+    model.info.preprocess["nms_thresh"] = max(scores, key=scores.get)
+    return scores
 
 
 def detect_images(model, images: list[np.ndarray], *, size=None, score_thresh: float = 0.05,
@@ -353,6 +372,7 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
     start = time.perf_counter()
     model, history = fit(model_name, train_set, val_set, config, run_dir=run_dir, minutes=minutes,
                          steps_per_epoch=steps_per_epoch, progress=progress, dataset=dataset)
+    nms_scores = tune_nms(model, val_set)
     seconds = time.perf_counter() - start
     result = write_evaluation(model, test_set, run_dir, prefix="test-")
     info = model.info
@@ -362,7 +382,8 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
     save_model(run_dir / "model.ocula", model, info)
     summary = {"dataset": dataset, "model": model_name, **{f"test_{k}": round(v, 4)
                for k, v in summary_of(result).items()}, "train_minutes": round(seconds / 60, 2),
-               "epochs": len(history), "model_file": str(run_dir / "model.ocula")}
+               "epochs": len(history), "nms_thresh": model.info.preprocess["nms_thresh"],
+               "val_map50_per_nms": nms_scores, "model_file": str(run_dir / "model.ocula")}
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -413,11 +434,12 @@ def export_onnx(model, path, *, opset: int = 17) -> Path:
     return Path(path)
 
 
-def onnx_detect(session, x: torch.Tensor, *, score_thresh: float = 0.05) -> list[dict]:
+def onnx_detect(session, x: torch.Tensor, *, score_thresh: float = 0.05, nms_thresh: float = NMS_THRESH) -> list[dict]:
     from ocula.models.detection.fcos import postprocess
 
     boxes, scores = session.run(None, {"image": x.numpy()})
-    return postprocess(torch.from_numpy(boxes), torch.from_numpy(scores), score_thresh=score_thresh)
+    return postprocess(torch.from_numpy(boxes), torch.from_numpy(scores), score_thresh=score_thresh,
+                       nms_thresh=nms_thresh)
 
 
 def check_onnx_parity(model, path, x: torch.Tensor | None = None, *, score_thresh: float = 0.3) -> float:
@@ -429,7 +451,7 @@ def check_onnx_parity(model, path, x: torch.Tensor | None = None, *, score_thres
         h, w = model.info.preprocess["input_size"]
         x = torch.rand(1, 3, h, w) * 255
     ref = detect_tensor(model, x, score_thresh=score_thresh)
-    got = onnx_detect(onnx_session(path), x, score_thresh=score_thresh)
+    got = onnx_detect(onnx_session(path), x, score_thresh=score_thresh, nms_thresh=nms_threshold(model))
     worst = 0.0
     for a, b in zip(ref, got):
         if len(a["labels"]) != len(b["labels"]) or not torch.equal(a["labels"], b["labels"]):

@@ -1,0 +1,142 @@
+"""BCCD detection: ocula's detectors on the test split (72 images) next to the Ultralytics YOLO11n reference.
+
+Per detector: test mAP@.5, mAP@[.5:.95], AP@.5 per class (pycocotools), training wall time and settings (from the
+run folder), and inference milliseconds per 640x480 image (letterbox resize + network + NMS, batch 1) in torch
+and ONNX Runtime at 1 and 2 threads. Either train here (`--train fcos --minutes 40`) or pass model files trained
+with `ocula train bccd --model ...` (their run folder's config.json gives the settings).
+
+    python benchmarks/detect.py --model runs/detect/bccd-fcos/model.ocula \
+        --model runs/detect/bccd-faster-rcnn/model.ocula
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import markdown_table, record  # noqa: E402
+
+import ocula  # noqa: E402
+from ocula.data import registry  # noqa: E402
+from ocula.errors import OculaError  # noqa: E402
+from ocula.tasks import detect  # noqa: E402
+
+REFERENCE = ["Ultralytics YOLO11n, from scratch, 40 min on 2 cores (quoted from issue 4, not run here)", "0.884",
+             "0.566", "0.981", "0.793", "0.879", "40", "", "17 (ORT)", ""]
+
+
+def median_ms(fn, images, repeat: int = 3) -> float:
+    """Median over images of the best-of-`repeat` time of fn(image), in ms (after a warm-up)."""
+    fn(images[0])
+    times = []
+    for im in images:
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn(im)
+            best = min(best, time.perf_counter() - start)
+        times.append(best * 1e3)
+    return statistics.median(times)
+
+
+def ort_detect(session, model, image):
+    x, s = detect.letterbox(image, model.info.preprocess["input_size"])
+    d = detect.onnx_detect(session, x[None], nms_thresh=detect.nms_threshold(model))[0]
+    return d["boxes"] / s, d["scores"], d["labels"]
+
+
+def timings(model, images) -> dict[str, str]:
+    out = {}
+    onnx_dir = tempfile.TemporaryDirectory()
+    session = {}
+    if detect.is_fcos(model):
+        from ocula.export.onnx import onnx_session
+
+        path = detect.export_onnx(model, Path(onnx_dir.name) / "m.onnx")
+        detect.check_onnx_parity(model, path)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out[f"torch{threads}"] = f"{median_ms(lambda im: detect.detect_images(model, [im]), images):.1f}"
+        if detect.is_fcos(model):
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            out[f"ort{threads}"] = f"{median_ms(lambda im: ort_detect(session, model, im), images):.1f}"
+        else:
+            out[f"ort{threads}"] = "n/a"
+    onnx_dir.cleanup()
+    return out
+
+
+def settings_of(model_path: Path, model) -> tuple[str, str]:
+    """(train minutes, settings) from the model file's metrics and its run folder's config.json."""
+    m = model.info.metrics
+    minutes = f"{m['train_seconds'] / 60:.1f}" if "train_seconds" in m else "?"
+    config = model_path.parent / "config.json"
+    if not config.is_file():
+        return minutes, model.info.arch
+    c = json.loads(config.read_text())
+    t = c["train"]
+    args = {k: v for k, v in model.info.args.items() if k != "num_classes"}
+    params = sum(p.numel() for p in model.parameters())
+    text = (f"{model.info.arch} {args} ({params / 1e6:.2f} M params); input {c['input_size'][0]}x{c['input_size'][1]}"
+            f" (0.8x), random scale 0.6-1.0 crops, flips, colour jitter; batch {t['batch_size']}, AdamW lr {t['lr']} "
+            f"wd {t['weight_decay']}, warm-up + cosine over a {c['minutes']:g}-minute wall-clock budget, EMA weights, "
+            f"best val mAP@.5 of {m.get('epochs', '?')} epochs x {c['steps_per_epoch']} steps; "
+            f"{'bf16 autocast, ' if t['bf16'] else ''}{'channels-last, ' if t['channels_last'] else ''}"
+            f"{t['threads'] or 'default'} thread(s)")
+    return minutes, text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", default=[], help="trained detector file (repeatable)")
+    ap.add_argument("--train", action="append", default=[], choices=list(detect.PRESETS), help="train this detector")
+    ap.add_argument("--minutes", type=float, default=40.0, help="training budget for --train")
+    ap.add_argument("--threads", type=int, default=2, help="training threads for --train")
+    ap.add_argument("--runs-dir", default="runs/detect")
+    args = ap.parse_args()
+    paths = [Path(p) for p in args.model]
+    for name in args.train:
+        run_dir = Path(args.runs_dir) / f"bench-{name}"
+        config = detect.default_config(name, threads=args.threads)
+        detect.train("bccd", name, config, run_dir=run_dir, minutes=args.minutes)
+        paths.append(run_dir / "model.ocula")
+    if not paths:
+        raise OculaError("nothing to benchmark: pass --model FILE or --train fcos|faster-rcnn")
+    test = registry.load("bccd", "test")
+    images = [test[i][0] for i in range(10)]
+    rows = []
+    for path in paths:
+        model = ocula.load(path)
+        torch.set_num_threads(2)
+        r = detect.evaluate(model, test)
+        minutes, settings = settings_of(path, model)
+        t = timings(model, images)
+        rows.append([f"ocula {model.info.arch} ({path})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
+                     *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
+                     f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", settings])
+        print(rows[-1], flush=True)
+    header = ["detector", "test mAP@.5", "test mAP@[.5:.95]", "AP@.5 WBC", "AP@.5 RBC", "AP@.5 Platelets",
+              "train min", "torch ms/img (1 / 2 threads)", "ORT ms/img (1 / 2 threads)", "settings"]
+    body = markdown_table(header, [REFERENCE] + rows)
+    body += ("\n\nBCCD test split, 72 images, pycocotools (100 detections per class and image). Inference: one "
+             "640x480 test image at a time, letterbox resize to the model's input size, network, decoding and "
+             "class-wise NMS (after ONNX Runtime for the ORT column; Faster R-CNN is not exported), median over 10 "
+             "images of the best of 3; the machine was shared with other jobs, so timings are rough.")
+    record("BCCD detection", body)
+
+
+if __name__ == "__main__":
+    main()
