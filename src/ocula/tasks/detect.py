@@ -43,9 +43,10 @@ PRESETS = {
                                   box_batch_size_per_image=256, box_detections_per_img=150),
                         train=dict(batch_size=4, lr=1e-3, weight_decay=0.05, bf16=False, channels_last=False)),
 }
+FCOS_LOSS = dict(radius=1.5, quality=False)
 INPUT_SIZE = (384, 512)  # h, w the 480 x 640 BCCD smears are resized to (0.8x): platelets stay ~24 px
 SCORE_THRESH = 0.4  # drawn / counted detections; evaluation uses every detection above 0.05
-NMS_THRESH = 0.6  # class-wise NMS IoU unless the model file records one tuned on validation
+NMS_THRESH = 0.6  # FCOS's class-wise NMS IoU unless the model file records one tuned on validation
 
 
 # --- running a detector at its input size ------------------------------------------------------------------
@@ -75,8 +76,39 @@ def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05) -> list
         boxes, scores = model(x)
         return postprocess(boxes, scores, score_thresh=score_thresh, nms_thresh=nms_threshold(model))
     model.roi_heads.score_thresh = score_thresh
-    model.roi_heads.nms_thresh = nms_threshold(model)
+    info = getattr(model, "info", None)
+    if info and "nms_thresh" in info.preprocess:
+        model.roi_heads.nms_thresh = info.preprocess["nms_thresh"]
     return model(list(x / 255.0))
+
+
+def f1_at(targets: list[dict], detections: list[dict], thresh: float, iou: float = 0.5) -> float:
+    """F1 of the detections scoring >= thresh: greedy one-to-one matching by score, same class, IoU >= iou."""
+    from ocula.data.detection import box_iou
+
+    tp = fp = fn = 0
+    for t, d in zip(targets, detections):
+        keep = d["scores"] >= thresh
+        boxes, labels = d["boxes"][keep], d["labels"][keep]
+        order = np.argsort(-d["scores"][keep])
+        overlap = box_iou(np.asarray(boxes[order], float), np.asarray(t["boxes"], float))
+        overlap[labels[order][:, None] != t["labels"][None, :]] = 0
+        taken = np.zeros(len(t["labels"]), bool)
+        for row in overlap:
+            row = np.where(taken, 0, row)
+            if len(row) and row.max() >= iou:
+                taken[row.argmax()] = True
+        tp, fp, fn = tp + taken.sum(), fp + len(order) - taken.sum(), fn + (~taken).sum()
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def tune_score_threshold(model, data, candidates=np.arange(0.2, 0.71, 0.05)) -> float:
+    """The score threshold for drawing and counting: best F1 on `data` (validation), recorded in the model."""
+    images, targets = zip(*(data[i] for i in range(len(data))))
+    dets = detect_images(model, list(images))
+    f1 = {round(float(t), 2): f1_at(list(targets), dets, t) for t in candidates}
+    model.info.preprocess["score_thresh"] = max(f1, key=f1.get)
+    return f1[model.info.preprocess["score_thresh"]]
 
 
 def nms_threshold(model) -> float:
@@ -84,7 +116,7 @@ def nms_threshold(model) -> float:
     return info.preprocess.get("nms_thresh", NMS_THRESH) if info else NMS_THRESH
 
 
-def tune_nms(model, data, candidates=(0.45, 0.5, 0.55, 0.6, 0.65, 0.7)) -> dict[float, float]:
+def tune_nms(model, data, candidates=(0.4, 0.45, 0.5, 0.55, 0.6)) -> dict[float, float]:
     """Pick the class-wise NMS IoU threshold by mAP@.5 on `data` (a validation split: overlapping RBCs make it
     matter) and record it in the model's preprocessing; returns {threshold: mAP@.5}."""
     images, targets = zip(*(data[i] for i in range(len(data))))
@@ -196,7 +228,7 @@ def write_evaluation(model, data, out_dir: Path, prefix: str = "") -> dict:
     plot_pr_curves(result, out_dir / f"{prefix}pr_curves.png",
                    f"{data.name}: mAP@.5 {result['map50']:.3f}, mAP@[.5:.95] {result['map']:.3f}")
     for i in range(min(4, len(images))):
-        keep = dets[i]["scores"] >= SCORE_THRESH
+        keep = dets[i]["scores"] >= model.info.preprocess.get("score_thresh", SCORE_THRESH)
         save_png(draw_boxes(images[i], dets[i]["boxes"][keep], dets[i]["labels"][keep], dets[i]["scores"][keep],
                             data.classes), out_dir / f"{prefix}predictions-{i}.png")
     write_json(out_dir / f"{prefix}eval.json", {"n": len(data), **summary_of(result)})
@@ -303,7 +335,7 @@ def detector_loss(model, x, targets):
         from ocula.models.detection.fcos import FCOSLoss
 
         ignore = torch.stack([t["ignore"] for t in targets])
-        return sum(FCOSLoss(num_classes=model.num_classes)(model(x), targets, ignore).values())
+        return sum(FCOSLoss(num_classes=model.num_classes, **FCOS_LOSS)(model(x), targets, ignore).values())
     losses = model(list(x.float() / 255.0), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
     return sum(losses.values())
 
@@ -372,7 +404,8 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
     start = time.perf_counter()
     model, history = fit(model_name, train_set, val_set, config, run_dir=run_dir, minutes=minutes,
                          steps_per_epoch=steps_per_epoch, progress=progress, dataset=dataset)
-    nms_scores = tune_nms(model, val_set)
+    nms_scores = tune_nms(model, val_set) if is_fcos(model) else {}  # Faster R-CNN keeps the paper's 0.5
+    val_f1 = tune_score_threshold(model, val_set)
     seconds = time.perf_counter() - start
     result = write_evaluation(model, test_set, run_dir, prefix="test-")
     info = model.info
@@ -382,7 +415,8 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
     save_model(run_dir / "model.ocula", model, info)
     summary = {"dataset": dataset, "model": model_name, **{f"test_{k}": round(v, 4)
                for k, v in summary_of(result).items()}, "train_minutes": round(seconds / 60, 2),
-               "epochs": len(history), "nms_thresh": model.info.preprocess["nms_thresh"],
+               "epochs": len(history), "nms_thresh": model.info.preprocess.get("nms_thresh"),
+               "score_thresh": model.info.preprocess["score_thresh"], "val_f1": round(val_f1, 4),
                "val_map50_per_nms": nms_scores, "model_file": str(run_dir / "model.ocula")}
     write_json(run_dir / "summary.json", summary)
     return summary
@@ -434,7 +468,8 @@ def export_onnx(model, path, *, opset: int = 17) -> Path:
     return Path(path)
 
 
-def onnx_detect(session, x: torch.Tensor, *, score_thresh: float = 0.05, nms_thresh: float = NMS_THRESH) -> list[dict]:
+def onnx_detect(session, x: torch.Tensor, *, score_thresh: float = 0.05,
+                nms_thresh: float = NMS_THRESH) -> list[dict]:
     from ocula.models.detection.fcos import postprocess
 
     boxes, scores = session.run(None, {"image": x.numpy()})

@@ -192,14 +192,21 @@ def _focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 
     return ce * (1 - pt) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))
 
 
-def giou_loss(a: Tensor, b: Tensor) -> Tensor:
+def _quality_focal(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
+    """Quality focal loss (Li et al. 2020, GFL): soft targets (the IoU for the true class), scaled by |q - p|^gamma."""
+    p = torch.sigmoid(logits)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * (targets - p).abs() ** gamma
+
+
+def giou_loss(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(GIoU loss, IoU) of paired boxes."""
     lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
     area_a, area_b = (a[:, 2:] - a[:, :2]).prod(1), (b[:, 2:] - b[:, :2]).prod(1)
     union = area_a + area_b - inter
     hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).prod(1)
     iou = inter / union.clamp(min=1e-6)
-    return 1 - iou + (hull - union) / hull.clamp(min=1e-6)
+    return 1 - iou + (hull - union) / hull.clamp(min=1e-6), iou
 
 
 class FCOSLoss:
@@ -209,12 +216,15 @@ class FCOSLoss:
     exactly one level, which per-cell distance bands do not guarantee); a cell of that level is positive when its
     centre lies inside the box and within `radius` strides of the box centre; a cell claimed by several boxes
     takes the smallest. `ignore` [N, C] bool marks classes whose unlabelled instances an image may
-    hold (e.g. a smear with no RBC boxes): their negatives are not penalised in that image.
+    hold (e.g. a smear with no RBC boxes): their negatives are not penalised in that image. `quality` swaps the
+    focal loss for the quality focal loss, whose target at a positive cell is the IoU its box reaches, so class
+    scores rank detections by how well they are placed.
     """
 
     def __init__(self, *, num_classes: int, strides=STRIDES, ranges=((0, 28), (28, 64), (64, 1e8)),
-                 radius: float = 1.5):
+                 radius: float = 1.5, quality: bool = False):
         self.num_classes, self.strides, self.ranges, self.radius = num_classes, strides, ranges, radius
+        self.quality = quality
 
     def assign(self, points: Tensor, stride: Tensor, lo: Tensor, hi: Tensor, boxes: Tensor):
         """Index of the assigned box per point (-1 = background)."""
@@ -239,7 +249,7 @@ class FCOSLoss:
         hi = torch.cat([torch.full((o[0].shape[2] * o[0].shape[3],), float(b)) for o, (_, b) in zip(out, self.ranges)])
         cls_t = torch.zeros_like(logits)
         weight = torch.ones_like(logits)
-        pos_pred, pos_box, pos_ctr, pos_points = [], [], [], []
+        pos_pred, pos_box, pos_ctr, pos_points, pos_index = [], [], [], [], []
         for i, t in enumerate(targets):
             boxes, labels = t["boxes"], t["labels"]
             idx = self.assign(points, stride, lo, hi, boxes)
@@ -253,16 +263,25 @@ class FCOSLoss:
                 pos_box.append(boxes[idx[pos]])
                 pos_ctr.append(ctr[i, pos])
                 pos_points.append(points[pos])
+                pos_index.append((i, pos.nonzero().squeeze(1), labels[idx[pos]]))
         n_pos = max(1.0, float(sum(len(p) for p in pos_pred)))
-        cls_loss = (_focal(logits, cls_t) * weight).sum() / n_pos
         if not pos_pred:
             zero = ltrb.sum() * 0 + ctr.sum() * 0
-            return {"cls": cls_loss, "box": zero, "ctr": zero}
+            return {"cls": (_focal(logits, cls_t) * weight).sum() / n_pos, "box": zero, "ctr": zero}
         pred, box, c, p = torch.cat(pos_pred), torch.cat(pos_box), torch.cat(pos_ctr), torch.cat(pos_points)
         target = torch.stack([p[:, 0] - box[:, 0], p[:, 1] - box[:, 1], box[:, 2] - p[:, 0], box[:, 3] - p[:, 1]], 1)
         ctr_t = torch.sqrt((torch.min(target[:, 0], target[:, 2]) / torch.max(target[:, 0], target[:, 2]))
                            * (torch.min(target[:, 1], target[:, 3]) / torch.max(target[:, 1], target[:, 3])))
         pred_box = torch.cat([p - pred[:, :2], p + pred[:, 2:]], 1)
-        box_loss = (giou_loss(pred_box, box) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+        giou, iou = giou_loss(pred_box, box)
+        box_loss = (giou * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+        if self.quality:
+            iou, start = iou.detach().clamp(min=0.01), 0
+            for i, cells, labels in pos_index:
+                cls_t[i, cells, labels] = iou[start:start + len(cells)]
+                start += len(cells)
+            cls_loss = (_quality_focal(logits, cls_t) * weight).sum() / n_pos
+        else:
+            cls_loss = (_focal(logits, cls_t) * weight).sum() / n_pos
         ctr_loss = F.binary_cross_entropy_with_logits(c, ctr_t, reduction="mean")
         return {"cls": cls_loss, "box": 2.0 * box_loss, "ctr": ctr_loss}
