@@ -150,3 +150,29 @@ def test_cli_predict_draws_writes_json_and_counts(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", str(file), str(image), "--out", str(tmp_path / "out"), "--json"])
     assert json.loads(capsys.readouterr().out)["counts"]["RBC"] == 3
+
+
+def test_usual_classes_missing_from_an_image_are_ignored():
+    targets = [{"labels": np.array([0, 1, 1])} for _ in range(9)] + [{"labels": np.array([0, 2])}]
+    ignore = detect.ignored_classes(targets, 3)
+    assert ignore[9].tolist() == [False, True, False]  # RBC-like class 1 is in 90%: unlabelled there, not absent
+    assert not ignore[:9].any()  # the rare class 2 is never ignored
+
+
+def test_time_budget_schedules_the_rate_and_stops():
+    import time
+    from types import SimpleNamespace
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    stopped = []
+    trainer = SimpleNamespace(optimizer=torch.optim.SGD([param], lr=1.0), config=SimpleNamespace(lr=1.0),
+                              stop=stopped.append)
+    budget = detect.TimeBudget(0.2)
+    budget.begin(trainer)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # warm-up starts low
+    time.sleep(0.1)
+    budget.on_batch_end(trainer, 1.0)
+    assert 0.3 < trainer.optimizer.param_groups[0]["lr"] < 1.0 and not stopped  # past the peak, cosine decay
+    time.sleep(0.12)
+    budget.on_batch_end(trainer, 1.0)
+    assert stopped and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
