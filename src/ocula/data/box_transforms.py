@@ -1,4 +1,4 @@
-"""Augmentations that move the boxes with the image: flips, transposition, scale jitter with a random crop, colour.
+"""Augmentations that move the boxes with the image: flips, scale jitter with a random crop, colour.
 
 Images are uint8 or float tensors [3, H, W]; boxes are float xyxy [N, 4] in pixels (ocula's convention: a pixel
 i spans [i, i + 1), so flipping maps x to W - x). Every draw comes from the passed torch.Generator, so a seeded
@@ -30,11 +30,6 @@ def vflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     return image.flip(-2), torch.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], 1)
 
 
-def transpose(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Swap x and y (with the flips this gives all 8 right-angle symmetries; smears have no up or left)."""
-    return image.transpose(-1, -2), boxes[:, [1, 0, 3, 2]]
-
-
 def scale_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: tuple[int, int], scale: float,
                g: torch.Generator, *, min_visible: float = 0.3, fill: float = 114.0):
     """Resize by `scale`, then take a random `size` (h, w) window (padded with `fill` where the image is smaller).
@@ -58,33 +53,35 @@ def scale_crop(image: Tensor, boxes: Tensor, labels: Tensor, size: tuple[int, in
     moved = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
     clipped = torch.stack([moved[:, 0].clamp(0, tw), moved[:, 1].clamp(0, th), moved[:, 2].clamp(0, tw),
                            moved[:, 3].clamp(0, th)], 1)
-    area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
-    keep = (area(clipped) >= min_visible * area(moved).clamp(min=1e-6)) & \
+    keep = (_area(clipped) >= min_visible * _area(moved).clamp(min=1e-6)) & \
            (clipped[:, 2] - clipped[:, 0] > 2) & (clipped[:, 3] - clipped[:, 1] > 2)
     return out, clipped[keep], labels[keep]
+
+
+def _area(b: Tensor) -> Tensor:
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
 
 
 def colour_jitter(batch: Tensor, g: torch.Generator, *, brightness: float = 0.2, contrast: float = 0.2,
                   saturation: float = 0.3, gain: float = 0.08) -> Tensor:
     """Per image: channel gains (stain colour), brightness, contrast and saturation; float 0..255 [N, 3, H, W]."""
     n = batch.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731
-    x = batch * (1 + gain * u(n, 3, 1, 1))
-    x = x * (1 + brightness * u(n, 1, 1, 1))
+    u = torch.rand(n, 6, 1, 1, generator=g) * 2 - 1  # 3 channel gains, brightness, contrast, saturation
+    x = batch * (1 + gain * u[:, :3])
+    x = x * (1 + brightness * u[:, 3:4])
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * (1 + contrast * u(n, 1, 1, 1)) + mean
+    x = (x - mean) * (1 + contrast * u[:, 4:5]) + mean
     gray = x.mean(1, keepdim=True)
-    x = (x - gray) * (1 + saturation * u(n, 1, 1, 1)) + gray
+    x = (x - gray) * (1 + saturation * u[:, 5:6]) + gray
     return x.clamp(0, 255)
 
 
 def augment(image: Tensor, boxes: Tensor, labels: Tensor, size: tuple[int, int], g: torch.Generator, *,
-            scale: tuple[float, float] = (0.6, 1.0), flips: bool = True, transpose_ok: bool = True):
-    """One training view: random right-angle symmetry, then scale jitter and a random `size` crop."""
+            scale: tuple[float, float] = (0.6, 1.0), flips: bool = True):
+    """One training view: random horizontal and vertical flips (smears have no up or left), then scale jitter
+    and a random `size` crop."""
     if flips and _coin(g):
         image, boxes = hflip(image, boxes)
     if flips and _coin(g):
         image, boxes = vflip(image, boxes)
-    if transpose_ok and _coin(g):
-        image, boxes = transpose(image, boxes)
     return scale_crop(image, boxes, labels, size, _uniform(*scale, g), g)

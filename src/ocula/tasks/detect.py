@@ -32,6 +32,7 @@ from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
 
 DIVISOR = 32
+PAD_VALUE = 114.0  # grey, the fill of training crops that reach past the image
 # Per detector: architecture arguments (num_classes added), training defaults and batches between validations.
 # Faster R-CNN trains in float32: the RoIAlign module rejects bfloat16 features.
 PRESETS = {
@@ -54,15 +55,16 @@ NMS_THRESH = 0.6  # FCOS's class-wise NMS IoU unless the model file records one 
 
 # --- running a detector at its input size ------------------------------------------------------------------
 def letterbox(image: np.ndarray, size) -> tuple[torch.Tensor, float]:
-    """uint8 HxWx3 -> float [3, h, w] 0..255 fitted into `size` (aspect kept), padded to multiples of 32; scale."""
+    """uint8 HxWx3 -> float [3, h, w] 0..255 fitted into `size` (aspect kept), padded to multiples of 32; scale.
+    Resampling and padding match the training crops (plain bilinear, grey fill)."""
     h, w = image.shape[:2]
     s = min(size[0] / h, size[1] / w)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None]
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=s < 1)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
     ph, pw = -(-nh // DIVISOR) * DIVISOR, -(-nw // DIVISOR) * DIVISOR
-    return F.pad(x[0], (0, pw - nw, 0, ph - nh)), s
+    return F.pad(x[0], (0, pw - nw, 0, ph - nh), value=PAD_VALUE), s
 
 
 def is_fcos(model) -> bool:
