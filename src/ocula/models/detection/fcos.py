@@ -210,7 +210,7 @@ def giou_loss(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class FCOSLoss:
-    """Focal class loss + GIoU box loss (weighted by centerness) + centerness BCE, over `FCOS.raw` outputs.
+    """(Quality) focal class loss + GIoU box loss (weighted by centerness) + centerness BCE, over `FCOS.raw` outputs.
 
     Assignment: each box belongs to the level whose `ranges` band holds half its longer side (so every box has
     exactly one level, which per-cell distance bands do not guarantee); a cell of that level is positive when its
@@ -265,9 +265,10 @@ class FCOSLoss:
                 pos_points.append(points[pos])
                 pos_index.append((i, pos.nonzero().squeeze(1), labels[idx[pos]]))
         n_pos = max(1.0, float(sum(len(p) for p in pos_pred)))
+        class_loss = _quality_focal if self.quality else _focal
         if not pos_pred:
             zero = ltrb.sum() * 0 + ctr.sum() * 0
-            return {"cls": (_focal(logits, cls_t) * weight).sum() / n_pos, "box": zero, "ctr": zero}
+            return {"cls": (class_loss(logits, cls_t) * weight).sum() / n_pos, "box": zero, "ctr": zero}
         pred, box, c, p = torch.cat(pos_pred), torch.cat(pos_box), torch.cat(pos_ctr), torch.cat(pos_points)
         target = torch.stack([p[:, 0] - box[:, 0], p[:, 1] - box[:, 1], box[:, 2] - p[:, 0], box[:, 3] - p[:, 1]], 1)
         ctr_t = torch.sqrt((torch.min(target[:, 0], target[:, 2]) / torch.max(target[:, 0], target[:, 2]))
@@ -280,8 +281,6 @@ class FCOSLoss:
             for i, cells, labels in pos_index:
                 cls_t[i, cells, labels] = iou[start:start + len(cells)]
                 start += len(cells)
-            cls_loss = (_quality_focal(logits, cls_t) * weight).sum() / n_pos
-        else:
-            cls_loss = (_focal(logits, cls_t) * weight).sum() / n_pos
+        cls_loss = (class_loss(logits, cls_t) * weight).sum() / n_pos
         ctr_loss = F.binary_cross_entropy_with_logits(c, ctr_t, reduction="mean")
         return {"cls": cls_loss, "box": 2.0 * box_loss, "ctr": ctr_loss}
