@@ -10,6 +10,7 @@ training wall time, and inference microseconds per image in torch and ONNX Runti
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -39,16 +40,18 @@ def main():
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     train, test = registry.load(args.dataset, "train", args.data_dir), registry.load(args.dataset, "test", args.data_dir)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=2,
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                          label_smoothing=args.label_smoothing, bf16=not args.fp32,
                          channels_last=not args.no_channels_last, compile=args.compile, monitor="loss", mode="min")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model, info, history = classify.train_cnn(train, config, progress=False,
                                               arch_args=classify.cnn_args(train, widths=args.widths))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    load = os.getloadavg()[1]  # 5-minute load: above ~2 means other jobs shared the two cores
     model = model.to(memory_format=torch.contiguous_format).eval()
     model.info = info
     acc = classify.evaluate(model, test)["accuracy"]
@@ -62,10 +65,14 @@ def main():
     settings = (f"cnn widths {args.widths} ({params:,} params), {args.epochs} epochs, batch {args.batch_size}, "
                 f"AdamW one-cycle lr {args.lr}, affine augmentation, "
                 f"{'fp32' if args.fp32 else 'bf16 autocast'}, "
-                f"{'NCHW' if args.no_channels_last else 'channels-last'}{', torch.compile' if args.compile else ''}")
-    row = [args.dataset, f"{acc:.4f}", f"{seconds / 60:.1f}", f"{torch_us:.1f}", f"{ort_us:.1f}", settings]
-    body = markdown_table(["dataset", "test accuracy", "train minutes", "torch µs/img", "ORT µs/img", "settings"],
-                          [row])
+                f"{'NCHW' if args.no_channels_last else 'channels-last'}{', torch.compile' if args.compile else ''}, "
+                f"{args.threads} thread(s)")
+    row = [args.dataset, f"{acc:.4f}", f"{seconds / 60:.1f}", f"{cpu_seconds / 60:.1f}", f"{load:.1f}",
+           f"{torch_us:.1f}", f"{ort_us:.1f}", settings]
+    body = markdown_table(["dataset", "test accuracy", "train minutes (wall)", "train CPU minutes",
+                           "load avg", "torch µs/img", "ORT µs/img", "settings"], [row])
+    body += ("\n\nWall time is what a user waits; CPU minutes / 2 is the wall time on two otherwise idle cores. "
+             "A load average above 2 means other jobs were sharing the machine during the run.")
     body += "\n\nPer-epoch log: " + ", ".join(f"{h['epoch']}: loss {h['loss']:.3f}" for h in history)
     record(f"{args.dataset}: CNN", body)
 

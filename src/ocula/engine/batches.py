@@ -9,15 +9,16 @@ import torch.nn.functional as F
 
 
 def random_affine(x: torch.Tensor, g: torch.Generator, *, shift: float = 0.1, rotate: float = 10.0,
-                  scale: float = 0.1) -> torch.Tensor:
-    """Random shift (fraction of size), rotation (degrees) and zoom, one draw per image, zero fill."""
+                  scale: float = 0.1, hflip: bool = False) -> torch.Tensor:
+    """Random shift (fraction of size), rotation (degrees), zoom and optional mirroring, per image, zero fill."""
     n = x.shape[0]
-    u = torch.rand(n, 4, generator=g) * 2 - 1
+    u = torch.rand(n, 5, generator=g) * 2 - 1
     angle = u[:, 0] * math.radians(rotate)
     s = 1 + u[:, 1] * scale
+    mirror = torch.where(u[:, 4] < 0, -1.0, 1.0) if hflip else torch.ones(n)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * shift * 2], 1),
-                         torch.stack([sin, cos, u[:, 3] * shift * 2], 1)], 1)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, u[:, 2] * shift * 2], 1),
+                         torch.stack([sin * mirror, cos, u[:, 3] * shift * 2], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

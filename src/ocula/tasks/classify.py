@@ -21,6 +21,8 @@ from ocula.models.classifiers import RBFSVC
 # Per input size: CNN stage widths and augmentation strength (8x8 digits tolerate less shift than 28x28).
 CNN_PRESETS = {8: dict(widths=[32, 64, 128]), 28: dict(widths=[32, 64, 128])}
 AUGMENT = {8: dict(shift=0.08, rotate=8, scale=0.08), 28: dict(shift=0.1, rotate=10, scale=0.1)}
+# Clothes are photographed upright and mirror-symmetric: flips help, rotations do not.
+DATASET_AUGMENT = {"fashion-mnist": dict(shift=0.08, rotate=0, scale=0.05, hflip=True)}
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -84,7 +86,8 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
     model = build("cnn", **args)
     info = model_info(train, "cnn", args)
     size = train.images.shape[1]
-    aug = (lambda x, g: random_affine(x, g, **AUGMENT.get(size, AUGMENT[28]))) if augment else None
+    params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28])
+    aug = (lambda x, g: random_affine(x, g, **params)) if augment else None
     batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels), config.batch_size,
                            augment=aug, drop_last=len(train) > config.batch_size)
 
