@@ -63,8 +63,8 @@ def timings(model, images) -> dict[str, str]:
 
         path = detect.export_onnx(model, Path(onnx_dir.name) / "m.onnx")
         x = torch.stack([detect.letterbox(im, model.info.preprocess["input_size"])[0] for im in images])
-        print(f"ONNX Runtime vs torch on {len(images)} test images: same detections, boxes within "
-              f"{detect.check_onnx_parity(model, path, x):.2e} px", flush=True)
+        out["parity"] = (f"{model.info.arch}: ONNX Runtime and torch give the same detections on {len(images)} test "
+                         f"images, boxes within {detect.check_onnx_parity(model, path, x):.1e} px")
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out[f"torch{threads}"] = f"{median_ms(lambda im: detect.detect_images(model, [im]), images):.1f}"
@@ -151,13 +151,14 @@ def main():
         raise OculaError("nothing to benchmark: pass --model FILE or --train fcos|faster-rcnn")
     test = registry.load("bccd", "test")
     images = [test[i][0] for i in range(10)]
-    rows, errors = [], []
+    rows, errors, parity = [], [], []
     for path in paths:
         model = ocula.load(path)
         torch.set_num_threads(2)
         r = detect.evaluate(model, test)
         minutes, settings = settings_of(path, model)
         t = timings(model, images)
+        parity += [t["parity"]] if "parity" in t else []
         rows.append([f"ocula {model.info.arch} ({path})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
                      *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
                      f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", settings])
@@ -170,7 +171,8 @@ def main():
     body += ("\n\nBCCD test split, 72 images, pycocotools (100 detections per class and image). Inference: one "
              "640x480 test image at a time, letterbox resize to the model's input size, network, decoding and "
              "class-wise NMS (after ONNX Runtime for the ORT column; Faster R-CNN is not exported), median over 10 "
-             "images of the best of 3; the machine was shared with other jobs, so timings are rough.")
+             "images of the best of 3; the machine was shared with other jobs, so timings are rough. "
+             + "; ".join(parity) + ".")
     body += ("\n\nWhere the errors are (test split, detections above the model's counting threshold, tuned by F1 on "
              "val; a hit is IoU >= 0.5 with an unmatched box of the same class):\n\n")
     body += markdown_table(["detector", "score >=", "class", "hits", "misses", "false alarms next to a labelled "
