@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ocula.cli import main
+from ocula.errors import OculaError
 from ocula.data.box_transforms import augment, colour_jitter, hflip, vflip
 from ocula.modelfile import save_model
 from ocula.models import build
@@ -176,3 +177,16 @@ def test_time_budget_schedules_the_rate_and_stops():
     time.sleep(0.12)
     budget.on_batch_end(trainer, 1.0)
     assert stopped and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_faster_rcnn_takes_a_torchvision_backbone_checkpoint(tmp_path):
+    from ocula.models.backbones import build_backbone
+    from ocula.tasks.detect import build_detector
+
+    resnet = build_backbone("resnet18")  # same names as torchvision's resnet18, classifier included
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model, args = build_detector("faster-rcnn", 3, backbone_weights=tmp_path / "resnet18.pth")
+    assert args["norm_layer"] == "batch"
+    assert torch.equal(model.backbone.body.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
+    with pytest.raises(OculaError, match="faster-rcnn"):
+        build_detector("fcos", 3, backbone_weights=tmp_path / "resnet18.pth")

@@ -145,7 +145,8 @@ def _train_detect(args):
     model = args.model or "fcos"
     config = detect.default_config(model, **_given(args), seed=args.seed, threads=args.threads)
     summary = detect.train(args.dataset, model, config, run_dir=_run_dir(args, "detect", model),
-                           minutes=args.minutes, data_dir=args.data_dir, progress=not args.quiet)
+                           minutes=args.minutes, data_dir=args.data_dir, progress=not args.quiet,
+                           backbone_weights=args.weights)
     print(json.dumps(summary))
 
 
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
     c.add_argument("--minutes", type=float, default=40.0, help="detect: wall-clock training budget")
+    c.add_argument("--weights", help="detect: torchvision ImageNet checkpoint (.pth) for faster-rcnn's backbone")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=0)
     c.add_argument("--bf16", action="store_true", help="bfloat16 autocast")

@@ -360,13 +360,30 @@ def default_config(model_name: str, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Path, minutes: float,
-        steps_per_epoch: int = 50, progress: bool = True, arch_args: dict | None = None, dataset: str = ""):
-    """Train for `minutes` of wall clock (or config.epochs epochs of `steps_per_epoch` batches, whichever ends
-    first); returns the EMA model of the best validation epoch (or the last one without validation)."""
-    torch.manual_seed(config.seed)
-    args = {**(arch_args or PRESETS[model_name]["args"]), "num_classes": len(train_set.classes)}
+def build_detector(model_name: str, num_classes: int, arch_args: dict | None = None,
+                   backbone_weights: Path | None = None):
+    """A fresh detector and its recorded arguments; optionally with a torchvision ImageNet backbone checkpoint."""
+    args = {**(arch_args or PRESETS[model_name]["args"]), "num_classes": num_classes}
+    if backbone_weights:
+        if model_name != "faster-rcnn":
+            raise OculaError(f"--weights loads a torchvision backbone into faster-rcnn, not {model_name}")
+        args["norm_layer"] = "batch"  # torchvision checkpoints carry batch-norm statistics
     model = build(PRESETS[model_name]["arch"], **args)
+    if backbone_weights:
+        from ocula.models.backbones import load_weights
+
+        load_weights(model.backbone.body, backbone_weights, skip_head=True)
+    return model, args
+
+
+def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Path, minutes: float,
+        steps_per_epoch: int = 50, progress: bool = True, arch_args: dict | None = None, dataset: str = "",
+        backbone_weights: Path | None = None):
+    """Train for `minutes` of wall clock (or config.epochs epochs of `steps_per_epoch` batches, whichever ends
+    first); returns the EMA model of the best validation epoch (or the last one without validation).
+    `backbone_weights`: a torchvision ImageNet checkpoint for Faster R-CNN's backbone (its batch norm is then used)."""
+    torch.manual_seed(config.seed)
+    model, args = build_detector(model_name, len(train_set.classes), arch_args, backbone_weights)
     info = model_info(model_name, train_set.classes, args, dataset)
     batches = DetectionBatches(train_set, batch_size=config.batch_size, steps=steps_per_epoch)
     if config.channels_last:
@@ -397,7 +414,8 @@ def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Pa
 
 
 def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, minutes: float = 40.0,
-          data_dir=None, steps_per_epoch: int | None = None, progress: bool = True) -> dict:
+          data_dir=None, steps_per_epoch: int | None = None, progress: bool = True,
+          backbone_weights: Path | None = None) -> dict:
     """Train on the dataset's train split, select on val, evaluate once on test; fill the run folder."""
     from ocula.data import registry
 
@@ -409,7 +427,8 @@ def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, 
                                          "input_size": list(INPUT_SIZE), "train": asdict(config)})
     start = time.perf_counter()
     model, history = fit(model_name, train_set, val_set, config, run_dir=run_dir, minutes=minutes,
-                         steps_per_epoch=steps_per_epoch, progress=progress, dataset=dataset)
+                         steps_per_epoch=steps_per_epoch, progress=progress, dataset=dataset,
+                         backbone_weights=backbone_weights)
     nms_scores = tune_nms(model, val_set) if is_fcos(model) else {}  # Faster R-CNN keeps the paper's 0.5
     val_f1 = tune_score_threshold(model, val_set)
     seconds = time.perf_counter() - start
