@@ -130,3 +130,13 @@ def test_predict_steps_and_export_commands(tmp_path, svc_file):
     assert (tmp_path / "steps.png").stat().st_size > 0
     out = run("export", svc_file, "--format", "onnx", "--out", tmp_path / "svc.onnx")
     assert out.returncode == 0 and "max abs difference" in out.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = run("demo", "--runs-dir", tmp_path)
+    assert out.returncode == 0, out.stderr
+    cnn_line = next(line for line in out.stdout.splitlines() if line.strip().startswith("ocula cnn"))
+    assert float(cnn_line.split("accuracy")[1].split()[0]) >= 0.99
+    assert (tmp_path / "classify" / "demo-digits-cnn" / "model.onnx").is_file()
+    assert (tmp_path / "classify" / "demo-digits-cnn" / "steps-digit-5.png").is_file()
+    assert "read correctly" in out.stdout

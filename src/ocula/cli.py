@@ -283,7 +283,7 @@ def _fmt(v) -> str:
 def cmd_demo(args):
     from ocula.demo import run_demo
 
-    run_demo(Path(args.runs_dir), quiet=args.quiet)
+    run_demo(Path(args.runs_dir))
 
 
 # --- parser ---------------------------------------------------------------------------------------------
@@ -390,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
     c.add_argument("--runs-dir", default=str(RUNS))
-    c.add_argument("--quiet", action="store_true")
     return p
 
 
