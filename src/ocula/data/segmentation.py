@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ocula.data.draw import PALETTE as CLASS_COLOURS
 from ocula.data.images import list_images, read_image, read_raw
 from ocula.data.registry import DatasetInfo, register
 from ocula.errors import OculaError
@@ -387,9 +388,8 @@ class Augmented(Sequence):
 
 # --- drawing ---------------------------------------------------------------------------------------------------
 
-# Class 0 (background) stays undrawn; the rest cycle through colours that stay visible on pink/purple smears.
-PALETTE = np.array([[0, 0, 0], [0, 220, 80], [255, 210, 0], [0, 160, 255], [255, 60, 60], [200, 0, 255],
-                    [0, 255, 255], [255, 130, 0]], dtype=np.uint8)
+# Class 0 (background) stays undrawn (black in palette PNGs); the others take the class colours boxes use too.
+PALETTE = np.array([(0, 0, 0), *CLASS_COLOURS], dtype=np.uint8)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
