@@ -23,12 +23,12 @@ from common import markdown_table, per_item_us, record  # noqa: E402
 
 import ocula  # noqa: E402
 from ocula.data import registry  # noqa: E402
-from ocula.demo import DOCUMENT_ACCURACY, SAMPLES  # noqa: E402
+from ocula.demo import DIGITS_CNN, DOCUMENT_ACCURACY, SAMPLES  # noqa: E402
 from ocula.engine.trainer import TrainConfig  # noqa: E402
 from ocula.export.onnx import export_onnx, onnx_session  # noqa: E402
 from ocula.tasks import classify  # noqa: E402
 
-CNN_CONFIG = TrainConfig(epochs=30, batch_size=64, lr=3e-3, monitor="val_loss", mode="min", seed=0, threads=2)
+CNN_CONFIG = TrainConfig(**DIGITS_CNN, threads=2)
 
 
 def fit(kind: str, train, params: dict | None = None):

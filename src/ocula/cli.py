@@ -14,10 +14,9 @@ RUNS = Path("runs")
 
 # --- data ------------------------------------------------------------------------------------------------
 def cmd_data_list(args):
-    from ocula.data.registry import REGISTRY, _register_builtin
+    from ocula.data.registry import all_datasets
 
-    _register_builtin()
-    for info in sorted(REGISTRY.values(), key=lambda i: (i.task, i.name)):
+    for info in all_datasets():
         print(f"{info.name:15s} {info.task:9s} {info.description}")
 
 

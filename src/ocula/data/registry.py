@@ -37,6 +37,11 @@ def register(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
+def all_datasets() -> list[DatasetInfo]:
+    _register_builtin()
+    return sorted(REGISTRY.values(), key=lambda i: (i.task, i.name))
+
+
 def get_info(name: str) -> DatasetInfo:
     _register_builtin()
     if name not in REGISTRY:
