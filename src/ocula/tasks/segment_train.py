@@ -54,7 +54,8 @@ def default_config(model_name: str, **overrides) -> TrainConfig:
     if model_name not in MODELS:
         raise OculaError(f"unknown segmentation model {model_name!r}; choose one of {', '.join(MODELS)}")
     base = dict(epochs=40, batch_size=8, lr=LEARNING_RATES[model_name], weight_decay=1e-4, schedule="plateau",
-                plateau_patience=4, plateau_factor=0.5, early_stopping=10, monitor="val_dice", mode="max")
+                plateau_patience=4, plateau_factor=0.5, early_stopping=10, monitor="val_dice", mode="max",
+                bf16=True, channels_last=True)  # about 2x faster steps than float32 NCHW on 2 cores
     return TrainConfig(**{**base, **overrides})
 
 
