@@ -98,6 +98,22 @@ def test_losses_are_zero_on_perfect_predictions_and_have_finite_gradients(name, 
         assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_void_pixels_are_left_out_of_every_loss(name, k):
+    """Label 255 (VOC's void): the loss equals the loss on the labelled columns alone, and void pixels get no
+    gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, k, 6, 8, requires_grad=True)
+    target = torch.randint(0, max(k, 2), (2, 6, 8))
+    target[..., 5:] = seg.IGNORE_INDEX
+    loss = seg.build_loss(name)
+    value = loss(logits, target)
+    assert value.item() == pytest.approx(loss(logits[..., :5], target[..., :5]).item(), abs=1e-6)
+    value.backward()
+    assert logits.grad[..., 5:].abs().max() == 0 and logits.grad[..., :5].abs().sum() > 0
+
+
 def test_dice_loss_by_hand_and_smoothing_in_both_places():
     logits = torch.zeros(1, 1, 2, 2)  # p = 0.5 everywhere
     target = torch.tensor([[[1, 0], [0, 0]]])

@@ -22,8 +22,12 @@ from torch import nn
 # ----------------------------------------------------------------------------------------------------- losses
 
 
-def _target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The target as [N, H, W], checked against logits [N, K, H, W]."""
+IGNORE_INDEX = 255  # VOC's "void" label: pixels that no loss and no training metric counts
+
+
+def _target(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target as [N, H, W] with ignored pixels set to 0, their 0/1 weight [N, 1, H, W]), checked against
+    logits [N, K, H, W]."""
     if logits.dim() != 4:
         raise ValueError(f"logits must be [N, K, H, W], got {tuple(logits.shape)}")
     n, _, h, w = logits.shape
@@ -31,7 +35,8 @@ def _target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target[:, 0]
     if tuple(target.shape) != (n, h, w):
         raise ValueError(f"target must be [N, H, W] (or [N, 1, H, W]) = {(n, h, w)}, got {tuple(target.shape)}")
-    return target
+    ignored = target == IGNORE_INDEX
+    return target.masked_fill(ignored, 0), (~ignored)[:, None].to(logits.dtype)
 
 
 def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,17 +46,25 @@ def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
 
 
-def _soft_counts(logits: torch.Tensor, onehot: torch.Tensor, per_image: bool):
-    """Soft TP, FP, FN per class ([K], or [N, K] per image) from sigmoid / softmax probabilities."""
-    probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+def _soft_counts(logits: torch.Tensor, target: torch.Tensor, per_image: bool):
+    """Soft TP, FP, FN per class ([K], or [N, K] per image) from sigmoid / softmax probabilities, over the
+    pixels that are not ignored."""
+    target, valid = _target(logits, target)
+    probs = (torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)) * valid
+    onehot = _onehot(logits, target) * valid
     dims = (2, 3) if per_image else (0, 2, 3)
     tp = (probs * onehot).sum(dims)
     return tp, probs.sum(dims) - tp, onehot.sum(dims) - tp
 
 
-def _dice_loss(logits, onehot, smooth: float, per_image: bool) -> torch.Tensor:
-    tp, fp, fn = _soft_counts(logits, onehot, per_image)
+def _dice_loss(logits, target, smooth: float, per_image: bool) -> torch.Tensor:
+    tp, fp, fn = _soft_counts(logits, target, per_image)
     return 1 - ((2 * tp + smooth) / (2 * tp + fp + fn + smooth)).mean()
+
+
+def _valid_mean(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-pixel loss [N, 1, H, W] over the pixels that are not ignored."""
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
 class DiceLoss(nn.Module):
@@ -68,7 +81,7 @@ class DiceLoss(nn.Module):
         self.smooth, self.per_image = smooth, per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _dice_loss(logits, _onehot(logits, _target(logits, target)), self.smooth, self.per_image)
+        return _dice_loss(logits, target, self.smooth, self.per_image)
 
 
 class TverskyLoss(nn.Module):
@@ -80,7 +93,7 @@ class TverskyLoss(nn.Module):
         self.alpha, self.beta, self.smooth, self.per_image = alpha, beta, smooth, per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tp, fp, fn = _soft_counts(logits, _onehot(logits, _target(logits, target)), self.per_image)
+        tp, fp, fn = _soft_counts(logits, target, self.per_image)
         return 1 - ((tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)).mean()
 
 
@@ -101,9 +114,9 @@ class CrossEntropyDiceLoss(nn.Module):
         self.ce_weight, self.dice_weight, self.smooth, self.per_image = ce_weight, dice_weight, smooth, per_image
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = _target(logits, target)
-        ce = _cross_entropy(logits, target).mean()
-        dice = _dice_loss(logits, _onehot(logits, target), self.smooth, self.per_image)
+        labels, valid = _target(logits, target)
+        ce = _valid_mean(_cross_entropy(logits, labels), valid)
+        dice = _dice_loss(logits, target, self.smooth, self.per_image)
         return self.ce_weight * ce + self.dice_weight * dice
 
 
@@ -116,7 +129,7 @@ class FocalLoss(nn.Module):
         self.gamma, self.alpha = gamma, alpha
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target = _target(logits, target)
+        target, valid = _target(logits, target)
         ce = _cross_entropy(logits, target)
         loss = (1 - torch.exp(-ce)) ** self.gamma * ce  # exp(-ce) is the probability of the true class
         if self.alpha is not None:
@@ -124,7 +137,7 @@ class FocalLoss(nn.Module):
                 raise ValueError("FocalLoss alpha is the binary foreground weight; multi-class takes none")
             fg = _onehot(logits, target)
             loss = loss * (self.alpha * fg + (1 - self.alpha) * (1 - fg))
-        return loss.mean()
+        return _valid_mean(loss, valid)
 
 
 LOSSES = {"dice": DiceLoss, "bce_dice": CrossEntropyDiceLoss, "ce_dice": CrossEntropyDiceLoss,

@@ -24,7 +24,8 @@ from ocula.errors import OculaError
 from ocula.fileio import write_json
 from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
-from ocula.tasks.segment import CrossEntropyDiceLoss, SegmentationMeter, predict_tiled, probs_to_labels
+from ocula.tasks.segment import (IGNORE_INDEX, CrossEntropyDiceLoss, SegmentationMeter, predict_tiled,
+                                 probs_to_labels)
 
 MODELS = ("unet", "unet-seed")
 # Peak learning rates: batch norm and residuals let 'unet' take a larger step than the plain seed.
@@ -139,7 +140,7 @@ def tiling(info: ModelInfo) -> dict:
 
 def evaluate(model, pairs, *, tile: int, overlap: float = 0.25, threshold: float = 0.5) -> dict:
     """Dice / IoU (global, per image, per class) of whole-image predictions against the masks."""
-    meter = SegmentationMeter(num_classes=max(2, model.num_classes))
+    meter = SegmentationMeter(num_classes=max(2, model.num_classes), ignore_index=IGNORE_INDEX)
     for image, mask in pairs:
         meter.update(predict_labels(model, image, tile=tile, overlap=overlap, threshold=threshold), mask)
     return meter.compute()
