@@ -149,6 +149,24 @@ def test_cli_predict_writes_mask_overlay_and_cells(run, tmp_path):
         assert "area_um2" in rows[0]
 
 
+def test_cli_evaluate_scores_every_image_by_name(run, folder, tmp_path):
+    run_dir, _ = run
+    out = cli("evaluate", run_dir / "model.ocula", "--split", "train", "--out", tmp_path / "ev")
+    assert out.returncode == 0, out.stderr
+    assert "Dice" in out.stdout and (tmp_path / "ev" / "predictions.png").is_file()
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    per_image = {r["file"]: r["dice"] for r in result["per_image"]}
+    assert result["images"] == 12 and sorted(per_image) == sorted(f"s{i}.png" for i in range(12))
+    model = ocula.load(run_dir / "model.ocula")
+    image = np.asarray(Image.open(folder / "images" / "s3.png"))
+    truth = np.asarray(Image.open(folder / "masks" / "s3.png")) > 0
+    pred = segment_train.predict_labels(model, image, **segment_train.tiling(model.info)) > 0
+    by_hand = 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) if pred.any() or truth.any() else 1.0
+    assert per_image["s3.png"] == pytest.approx(by_hand)
+    missing = cli("evaluate", run_dir / "model.ocula", "--data", tmp_path / "nowhere")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_multiclass_mask_is_a_palette_of_class_indices(tmp_path):
     classes = ("background", "cytoplasm", "nucleus")
     model = ocula.load(tiny_model_file(tmp_path / "m.ocula", classes))

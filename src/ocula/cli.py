@@ -156,8 +156,18 @@ def cmd_evaluate(args):
 
     model = ocula.load(args.model)
     dataset = args.data or model.info.preprocess.get("dataset")
+    out = Path(args.out or Path(args.model).parent / f"eval-{Path(dataset).name}-{args.split}")
+    if model.info.task == "segment":
+        from ocula.data.segmentation import load_mask_folder
+        from ocula.tasks import segment_train
+
+        is_folder = Path(dataset).is_dir()
+        data = load_mask_folder(dataset, args.split) if is_folder else registry.load(dataset, args.split, args.data_dir)
+        r = segment_train.write_evaluation(model, data, out)
+        print(f"Dice {r['dice']:.4f} (mean per image {r['mean_image_dice']:.4f}), IoU {r['iou']:.4f} on "
+              f"{r['images']} images of {dataset}/{args.split}; figures in {out}")
+        return
     data = registry.load(dataset, args.split, args.data_dir)
-    out = Path(args.out or Path(args.model).parent / f"eval-{dataset}-{args.split}")
     if model.info.task == "detect":
         from ocula.tasks import detect
 
@@ -358,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     data_dir(c)
 
-    c = command("evaluate", cmd_evaluate, "accuracy, per-class precision/recall, confusion matrix, misclassified")
+    c = command("evaluate", cmd_evaluate, "score a model on a dataset split: accuracy and confusion matrix, "
+                "mAP, or Dice / IoU per class and image")
     c.add_argument("model")
     c.add_argument("--data", help="dataset (default: the one it was trained on)")
     c.add_argument("--split", default="test")

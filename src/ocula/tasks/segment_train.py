@@ -146,6 +146,23 @@ def evaluate(model, pairs, *, tile: int, overlap: float = 0.25, threshold: float
     return meter.compute()
 
 
+def write_evaluation(model, dataset: MaskDataset, out_dir: Path) -> dict:
+    """Score whole-image predictions on `dataset` and write eval.json (global, per-class and per-image Dice /
+    IoU, each image named) and predictions.png (truth and prediction overlays of the first images)."""
+    pairs = decode(dataset)
+    scores = evaluate(model, pairs, **tiling(model.info))
+    names = [image.name for image, _ in dataset.files]
+    result = {"dataset": dataset.name, "images": len(pairs), "classes": list(model.info.classes),
+              **{k: v for k, v in scores.items() if not k.endswith("per_image")},
+              "per_image": [{"file": n, "dice": float(np.mean(d[1:])), "iou": float(np.mean(i[1:]))}
+                            for n, d, i in zip(names, scores["dice_per_image"], scores["iou_per_image"])]}
+    out_dir = Path(out_dir)
+    plot_predictions(model, pairs, out_dir / "predictions.png", **tiling(model.info),
+                     title=f"{Path(dataset.name).name}: Dice {scores['dice']:.3f} on {len(pairs)} images")
+    write_json(out_dir / "eval.json", result)
+    return result
+
+
 def save_mask(labels: np.ndarray, path: Path, multiclass: bool) -> Path:
     """Binary masks as 0/255 greyscale; multi-class as a palette PNG whose indices are the classes (readable by
     `index_mask` and coloured like the overlays)."""
