@@ -86,7 +86,7 @@ def cmd_data_convert(args):
 # --- train / evaluate / export / predict ------------------------------------------------------------------
 def _given(args) -> dict:
     """Training options set on the command line; the others keep the task's defaults."""
-    names = ("epochs", "batch_size", "lr", "schedule", "early_stopping", "weight_decay")
+    names = ("epochs", "batch_size", "lr", "schedule", "early_stopping", "weight_decay", "bf16", "channels_last")
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
@@ -116,8 +116,8 @@ def cmd_train(args):
     if model not in ("svc", "cnn"):
         raise OculaError(f"--model {model} does not classify; choose svc or cnn")
     config = TrainConfig(**_given(args), optimizer=args.optimizer, seed=args.seed,
-                         label_smoothing=args.label_smoothing, monitor="val_loss", mode="min", bf16=args.bf16,
-                         channels_last=args.channels_last, compile=args.compile, threads=args.threads)
+                         label_smoothing=args.label_smoothing, monitor="val_loss", mode="min", compile=args.compile,
+                         threads=args.threads)
     summary = classify.train(args.dataset, model, config, run_dir=_run_dir(args, "classify", model),
                              data_dir=args.data_dir, val_fraction=args.val_fraction, resume=args.resume,
                              progress=not args.quiet)
@@ -129,8 +129,7 @@ def _train_segment(args):
 
     model = args.model or "unet"
     config = segment_train.default_config(model, **_given(args), optimizer=args.optimizer, seed=args.seed,
-                                          bf16=args.bf16, channels_last=args.channels_last, compile=args.compile,
-                                          threads=args.threads)
+                                          compile=args.compile, threads=args.threads)
     summary = segment_train.train(args.dataset, model, config, run_dir=_run_dir(args, "segment", model),
                                   data_dir=args.data_dir, fold=args.fold, val_fraction=args.val_fraction,
                                   crop=args.crop, crops_per_epoch=args.crops_per_epoch, resume=args.resume,
@@ -359,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="detect: torchvision ImageNet checkpoint (.pth) for faster-rcnn's backbone")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=0)
-    c.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    c.add_argument("--channels-last", action="store_true")
+    c.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 autocast (default: on for segmentation, off for classification)")
+    c.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     c.add_argument("--compile", action="store_true", help="torch.compile")
     c.add_argument("--resume", action="store_true", help="continue from the run's last.ocula")
     c.add_argument("--overwrite", action="store_true")
