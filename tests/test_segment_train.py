@@ -203,3 +203,14 @@ def test_predict_sigtuple_test_images_with_an_untrained_model(tmp_path):
     assert out.returncode == 0, out.stderr
     for image in images:
         assert (tmp_path / "out" / f"{image.stem}-cells.csv").is_file()
+
+
+def test_small_objects_are_dropped_whatever_their_class():
+    labels = np.zeros((40, 40), np.int64)
+    labels[5:25, 5:25] = 1  # a 400 px cell ...
+    labels[10:15, 10:15] = 2  # ... with a nucleus: one object of two classes
+    labels[30:33, 30:33] = 2  # a 9 px speck
+    kept = segment_train.drop_small_objects(labels, min_area=50)
+    assert (kept[:25, :25] == labels[:25, :25]).all() and not kept[30:, 30:].any()
+    assert segment_train.drop_small_objects(labels, min_area=0) is labels
+    assert not segment_train.drop_small_objects(labels, min_area=401).any()

@@ -234,7 +234,7 @@ def cmd_predict(args):
 
                 r = detect_file(model, f, Path(args.out))
             elif segment:
-                r = predict_file(model, f, Path(args.out), pixel_size=args.pixel_size)
+                r = predict_file(model, f, Path(args.out), pixel_size=args.pixel_size, min_area=args.min_area)
             else:
                 r = predict_photo(model, f, steps)
         except OculaError as e:
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="predictions", help="segment: masks, overlays and cell tables; detect: boxes "
                    "drawn (PNG) and JSON")
     c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
+    c.add_argument("--min-area", type=int, metavar="PX",
+                   help="segment: drop predicted objects smaller than this (default: the model file's)")
 
     inspect = sub.add_parser("inspect", help="look inside models")
     isub = inspect.add_subparsers(dest="inspect_command", required=True)
