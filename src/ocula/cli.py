@@ -155,6 +155,8 @@ def cmd_evaluate(args):
 
     model = ocula.load(args.model)
     dataset = args.data or model.info.preprocess.get("dataset")
+    if not dataset:
+        raise OculaError(f"{args.model} does not name the dataset it was trained on; pass --data")
     out = Path(args.out or Path(args.model).parent / f"eval-{Path(dataset).name}-{args.split}")
     if model.info.task == "segment":
         from ocula.data.segmentation import load_mask_folder
