@@ -98,17 +98,10 @@ def error_breakdown(model, data) -> list[list]:
             sel = d["labels"] == k
             boxes, scores = np.asarray(d["boxes"][sel], float), d["scores"][sel]
             iou = box_iou(boxes[np.argsort(-scores)], gt)
-            taken = np.zeros(len(gt), bool)
-            for row in iou:
-                free = np.where(taken, 0, row)
-                if len(gt) and free.max() >= 0.5:
-                    taken[free.argmax()] = True
-                    hit += 1
-                elif len(gt) and row.max() >= 0.1:
-                    near += 1
-                else:
-                    alone += 1
-            miss += int((~taken).sum())
+            matched = detect.greedy_match(iou) >= 0
+            near_box = iou[~matched].max(1) >= 0.1 if len(gt) else np.zeros((~matched).sum(), bool)
+            hit, miss = hit + int(matched.sum()), miss + len(gt) - int(matched.sum())
+            near, alone = near + int(near_box.sum()), alone + int((~near_box).sum())
         rows.append([name, hit, miss, near, alone])
     return rows
 

@@ -190,3 +190,10 @@ def test_faster_rcnn_takes_a_torchvision_backbone_checkpoint(tmp_path):
     assert torch.equal(model.backbone.body.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
     with pytest.raises(OculaError, match="faster-rcnn"):
         build_detector("fcos", 3, backbone_weights=tmp_path / "resnet18.pth")
+
+
+def test_greedy_match_takes_each_truth_once_in_score_order():
+    overlap = np.array([[0.9, 0.6], [0.8, 0.1], [0.3, 0.55]])  # rows: detections by falling score
+    assert detect.greedy_match(overlap).tolist() == [0, -1, 1]  # row 1's best truth is taken, 0.1 is too low
+    assert detect.greedy_match(overlap, iou=0.05).tolist() == [0, 1, -1]
+    assert detect.greedy_match(np.zeros((2, 0))).tolist() == [-1, -1]

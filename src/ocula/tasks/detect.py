@@ -87,6 +87,19 @@ def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05) -> list
     return model(list(x / 255.0))
 
 
+def greedy_match(overlap: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """For IoUs [detections in score order, truths]: the truth each detection takes, -1 for none. Greedy and
+    one-to-one: a detection takes the unmatched truth it overlaps most, when that overlap is >= iou."""
+    taken = np.zeros(overlap.shape[1], bool)
+    match = np.full(len(overlap), -1)
+    for i, row in enumerate(overlap):
+        free = np.where(taken, 0, row)
+        if len(free) and free.max() >= iou:
+            match[i] = free.argmax()
+            taken[match[i]] = True
+    return match
+
+
 def f1_at(targets: list[dict], detections: list[dict], thresh: float, iou: float = 0.5) -> float:
     """F1 of the detections scoring >= thresh: greedy one-to-one matching by score, same class, IoU >= iou."""
     from ocula.data.detection import box_iou
@@ -98,12 +111,8 @@ def f1_at(targets: list[dict], detections: list[dict], thresh: float, iou: float
         order = np.argsort(-d["scores"][keep])
         overlap = box_iou(np.asarray(boxes[order], float), np.asarray(t["boxes"], float))
         overlap[labels[order][:, None] != t["labels"][None, :]] = 0
-        taken = np.zeros(len(t["labels"]), bool)
-        for row in overlap:
-            row = np.where(taken, 0, row)
-            if len(row) and row.max() >= iou:
-                taken[row.argmax()] = True
-        tp, fp, fn = tp + taken.sum(), fp + len(order) - taken.sum(), fn + (~taken).sum()
+        hits = int((greedy_match(overlap, iou) >= 0).sum())
+        tp, fp, fn = tp + hits, fp + len(order) - hits, fn + len(t["labels"]) - hits
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
@@ -506,16 +515,17 @@ def check_onnx_parity(model, path, x: torch.Tensor | None = None, *, score_thres
     """Largest box-corner difference (px) between torch and ONNX Runtime, over the decoded boxes of every cell
     and over the detections; raises unless both give the same detections with the same labels."""
     from ocula.export.onnx import onnx_session
+    from ocula.models.detection.fcos import postprocess
 
     if x is None:
         h, w = model.info.preprocess["input_size"]
         x = torch.rand(1, 3, h, w) * 255
-    session = onnx_session(path)
     with torch.no_grad():
-        raw = model.eval()(x)[0]
-    ref = detect_tensor(model, x, score_thresh=score_thresh)
-    got = onnx_detect(session, x, score_thresh=score_thresh, nms_thresh=nms_threshold(model))
-    worst = float(np.abs(raw.numpy() - session.run(None, {"image": x.numpy()})[0]).max())
+        boxes, scores = model.eval()(x)
+    ort_boxes, ort_scores = (torch.from_numpy(a) for a in onnx_session(path).run(None, {"image": x.numpy()}))
+    settings = dict(score_thresh=score_thresh, nms_thresh=nms_threshold(model))
+    ref, got = postprocess(boxes, scores, **settings), postprocess(ort_boxes, ort_scores, **settings)
+    worst = float((boxes - ort_boxes).abs().max())
     for a, b in zip(ref, got):
         if len(a["labels"]) != len(b["labels"]) or not torch.equal(a["labels"], b["labels"]):
             raise OculaError("ONNX Runtime detections differ from torch", path)
