@@ -38,7 +38,7 @@ from ocula.data.segmentation import folds  # noqa: E402
 from ocula.export.onnx import export_onnx, onnx_session  # noqa: E402
 from ocula.models.unet import count_parameters  # noqa: E402
 from ocula.tasks import segment_train  # noqa: E402
-from ocula.tasks.segment import predict_candidates, predict_tiled, segmentation_scores  # noqa: E402
+from ocula.tasks.segment import predict_candidates, segmentation_scores  # noqa: E402
 
 SECTIONS = ("sigtuple", "zheng", "isbi", "large")
 NOTES_DICE = 0.9427  # the notes' Dice, measured on their own training set
@@ -65,8 +65,7 @@ def labels(model, image: np.ndarray) -> np.ndarray:
 
 def foreground_probs(model, image: np.ndarray) -> np.ndarray:
     tile = segment_train.tiling(model.info)
-    x = torch.tensor(image).permute(2, 0, 1).float()
-    return predict_tiled(model, x, tile=tile["tile"], overlap=tile["overlap"])[0].numpy()
+    return segment_train.predict_probs(model, image, tile=tile["tile"], overlap=tile["overlap"])[0].numpy()
 
 
 def boundaries_on_grid(masks, step: int) -> float:
@@ -132,9 +131,10 @@ def bench_sigtuple(args) -> str:
             d = []
             for image, mask in test_pairs(data, test, args):
                 probs = foreground_probs(model, image)
+                on_labels_grid = snap(probs, LABEL_GRID)
                 d.append(dice(probs > 0.5, mask))
-                snapped.append(dice(snap(probs, LABEL_GRID), mask))
-                ceiling.append(dice(snap(probs, LABEL_GRID), probs > 0.5))
+                snapped.append(dice(on_labels_grid, mask))
+                ceiling.append(dice(on_labels_grid, probs > 0.5))
             image_dice += d
             fold_dice.append(np.mean(d))
             seconds.append(s)

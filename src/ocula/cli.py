@@ -159,11 +159,9 @@ def cmd_evaluate(args):
         raise OculaError(f"{args.model} does not name the dataset it was trained on; pass --data")
     out = Path(args.out or Path(args.model).parent / f"eval-{Path(dataset).name}-{args.split}")
     if model.info.task == "segment":
-        from ocula.data.segmentation import load_mask_folder
         from ocula.tasks import segment_train
 
-        is_folder = Path(dataset).is_dir()
-        data = load_mask_folder(dataset, args.split) if is_folder else registry.load(dataset, args.split, args.data_dir)
+        data = segment_train.load_dataset(dataset, args.data_dir, args.split)
         r = segment_train.write_evaluation(model, data, out)
         print(f"Dice {r['dice']:.4f} (mean per image {r['mean_image_dice']:.4f}), IoU {r['iou']:.4f} on "
               f"{r['images']} images of {dataset}/{args.split}; figures in {out}")

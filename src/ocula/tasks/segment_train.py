@@ -139,12 +139,17 @@ def drop_small_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
     return np.where(small[components], 0, labels)
 
 
+def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25) -> torch.Tensor:
+    """Probabilities [K, H, W] for an RGB uint8 image of any size, by seamless tiled inference."""
+    x = torch.tensor(image).permute(2, 0, 1).float()  # a copy: decoded images are read-only arrays
+    return predict_tiled(model, x, tile=tile, overlap=overlap)
+
+
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
                    min_area: int = 0) -> np.ndarray:
-    """Class labels [H, W] (0 = background) for an RGB uint8 image of any size, by seamless tiled inference,
-    without foreground objects under `min_area` px."""
-    x = torch.tensor(image).permute(2, 0, 1).float()  # a copy: decoded images are read-only arrays
-    probs = predict_tiled(model, x, tile=tile, overlap=overlap)
+    """Class labels [H, W] (0 = background) for an RGB uint8 image of any size, without foreground objects
+    under `min_area` px."""
+    probs = predict_probs(model, image, tile=tile, overlap=overlap)
     return drop_small_objects(probs_to_labels(probs[None], threshold=threshold)[0], min_area)
 
 
@@ -167,15 +172,15 @@ def evaluate(model, pairs, **settings) -> dict:
 def write_evaluation(model, dataset: MaskDataset, out_dir: Path) -> dict:
     """Score whole-image predictions on `dataset` and write eval.json (global, per-class and per-image Dice /
     IoU, each image named) and predictions.png (truth and prediction overlays of the first images)."""
-    pairs = decode(dataset)
-    scores = evaluate(model, pairs, **tiling(model.info))
+    pairs, settings = decode(dataset), tiling(model.info)
+    scores = evaluate(model, pairs, **settings)
     names = [image.name for image, _ in dataset.files]
     result = {"dataset": dataset.name, "images": len(pairs), "classes": list(model.info.classes),
               **{k: v for k, v in scores.items() if not k.endswith("per_image")},
               "per_image": [{"file": n, "dice": float(np.mean(d[1:])), "iou": float(np.mean(i[1:]))}
                             for n, d, i in zip(names, scores["dice_per_image"], scores["iou_per_image"])]}
     out_dir = Path(out_dir)
-    plot_predictions(model, pairs, out_dir / "predictions.png", **tiling(model.info),
+    plot_predictions(model, pairs, out_dir / "predictions.png", **settings,
                      title=f"{Path(dataset.name).name}: Dice {scores['dice']:.3f} on {len(pairs)} images")
     write_json(out_dir / "eval.json", result)
     return result
@@ -292,17 +297,18 @@ def fit(train_set: MaskDataset, model_name: str, config: TrainConfig, *, val_set
     return model, info, history
 
 
-def load_dataset(dataset: str, data_dir=None) -> MaskDataset:
-    """A registered segmentation dataset's training split, or a folder of images/ + masks/."""
+def load_dataset(dataset: str, data_dir=None, split: str | None = None) -> MaskDataset:
+    """Split `split` (default: the training split) of a registered segmentation dataset, or of a folder of
+    images/ + masks/."""
     from ocula.data import registry
     from ocula.data.segmentation import load_mask_folder
 
     if Path(dataset).is_dir():
-        return load_mask_folder(dataset)
+        return load_mask_folder(dataset, split or "train")
     info = registry.get_info(dataset)
     if info.task != "segment":
         raise OculaError(f"dataset {dataset!r} is for task {info.task!r}, not segmentation")
-    return registry.load(dataset, info.splits[0], data_dir)
+    return registry.load(dataset, split or info.splits[0], data_dir)
 
 
 def split(data: MaskDataset, *, fold: int | None, n_folds: int = 5, val_fraction: float = 0.1, seed: int = 0):
