@@ -42,6 +42,11 @@ def all_datasets() -> list[DatasetInfo]:
     return sorted(REGISTRY.values(), key=lambda i: (i.task, i.name))
 
 
+def names() -> list[str]:
+    _register_builtin()
+    return sorted(REGISTRY)
+
+
 def get_info(name: str) -> DatasetInfo:
     _register_builtin()
     if name not in REGISTRY:
