@@ -8,11 +8,18 @@ __version__ = "0.1.0"
 from ocula.errors import OculaError
 
 
-def load(path):
-    """Load a saved ocula model file (see `ocula.modelfile`)."""
-    from ocula.modelfile import load_model
+def load(path, device: str = "auto"):
+    """Load a model file onto `device`: an `ocula.api.Model` with .predict, .evaluate, .export, .info, .module."""
+    from ocula.api import load
 
-    return load_model(path)
+    return load(path, device)
 
 
-__all__ = ["OculaError", "load", "__version__"]
+def train(data=None, model=None, **settings):
+    """Train a model on a dataset name or folder; returns the trained `ocula.api.Model` (see `ocula.api.train`)."""
+    from ocula.api import train
+
+    return train(data, model, **settings)
+
+
+__all__ = ["OculaError", "load", "train", "__version__"]

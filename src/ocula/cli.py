@@ -83,177 +83,70 @@ def cmd_data_convert(args):
     print(convert(args.src, args.src_format, args.dst, args.dst_format, split=args.split))
 
 
-# --- train / evaluate / export / predict ------------------------------------------------------------------
-def _given(args) -> dict:
-    """Training options set on the command line; the others keep the task's defaults."""
-    names = ("epochs", "batch_size", "lr", "schedule", "early_stopping", "weight_decay", "bf16", "channels_last")
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-
-
-def _run_dir(args, task: str, model: str) -> Path:
-    run_dir = Path(args.runs_dir) / task / (args.name or f"{Path(args.dataset).name}-{model}")
-    if run_dir.exists() and not args.resume and not args.overwrite:
-        raise OculaError("run folder exists; pass --resume to continue it, --overwrite to replace it, or --name",
-                         run_dir)
-    return run_dir
+# --- train / evaluate / export / predict: thin dispatches over ocula.api ---------------------------------------
+TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing",
+                  "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile",
+                  # the tasks' own options (ocula.tasks.<task>.OPTIONS)
+                  "val_fraction", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
+                  "input_size")
 
 
 def cmd_train(args):
-    from ocula.data import registry
-    from ocula.engine.trainer import TrainConfig
+    import ocula
 
-    task = "segment" if Path(args.dataset).is_dir() else registry.get_info(args.dataset).task
-    if task == "segment":
-        return _train_segment(args)
-    if task == "detect":
-        return _train_detect(args)
-    if task != "classify":
-        raise OculaError(f"training for task {task!r} is not wired to the CLI yet; classify datasets: "
-                         "digits, mnist, fashion-mnist; segment: wbc-sigtuple, wbc-zheng, isbi2012 or a folder")
-    from ocula.tasks import classify
-
-    model = args.model or "cnn"
-    if model not in ("svc", "cnn"):
-        raise OculaError(f"--model {model} does not classify; choose svc or cnn")
-    config = TrainConfig(**_given(args), optimizer=args.optimizer, seed=args.seed,
-                         label_smoothing=args.label_smoothing, monitor="val_loss", mode="min", compile=args.compile,
-                         threads=args.threads)
-    summary = classify.train(args.dataset, model, config, run_dir=_run_dir(args, "classify", model),
-                             data_dir=args.data_dir, val_fraction=args.val_fraction, resume=args.resume,
-                             progress=not args.quiet)
-    print(json.dumps(summary))
-
-
-def _train_segment(args):
-    from ocula.tasks import segment_train
-
-    model = args.model or "unet"
-    config = segment_train.default_config(model, **_given(args), optimizer=args.optimizer, seed=args.seed,
-                                          compile=args.compile, threads=args.threads)
-    summary = segment_train.train(args.dataset, model, config, run_dir=_run_dir(args, "segment", model),
-                                  data_dir=args.data_dir, fold=args.fold, val_fraction=args.val_fraction,
-                                  crop=args.crop, crops_per_epoch=args.crops_per_epoch, resume=args.resume,
-                                  progress=not args.quiet)
-    print(json.dumps(summary))
-
-
-def _train_detect(args):
-    from ocula.tasks import detect
-
-    model = args.model or "fcos"
-    config = detect.default_config(model, **_given(args), seed=args.seed, threads=args.threads)
-    summary = detect.train(args.dataset, model, config, run_dir=_run_dir(args, "detect", model),
-                           minutes=args.minutes, data_dir=args.data_dir, progress=not args.quiet,
-                           backbone_weights=args.weights)
-    print(json.dumps(summary))
+    if not (args.dataset or args.config):
+        raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
+    settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    model = ocula.train(args.dataset, args.model, config=args.config, name=args.name, runs_dir=args.runs_dir,
+                        resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
+                        progress=not args.quiet, **settings)
+    print(json.dumps(model.summary))
 
 
 def cmd_evaluate(args):
     import ocula
-    from ocula.data import registry
-    from ocula.tasks import classify
 
-    model = ocula.load(args.model)
-    dataset = args.data or model.info.preprocess.get("dataset")
-    if not dataset:
-        raise OculaError(f"{args.model} does not name the dataset it was trained on; pass --data")
-    out = Path(args.out or Path(args.model).parent / f"eval-{Path(dataset).name}-{args.split}")
-    if model.info.task == "segment":
-        from ocula.tasks import segment_train
-
-        data = segment_train.load_dataset(dataset, args.data_dir, args.split)
-        r = segment_train.write_evaluation(model, data, out)
-        print(f"Dice {r['dice']:.4f} (mean per image {r['mean_image_dice']:.4f}), IoU {r['iou']:.4f} on "
-              f"{r['images']} images of {dataset}/{args.split}; figures in {out}")
-        return
-    data = registry.load(dataset, args.split, args.data_dir)
-    if model.info.task == "detect":
-        from ocula.tasks import detect
-
-        r = detect.write_evaluation(model, data, out)
-        per_class = ", ".join(f"{c} {v:.3f}" for c, v in r["ap50"].items())
-        print(f"mAP@.5 {r['map50']:.4f}, mAP@[.5:.95] {r['map']:.4f} (AP@.5 {per_class}) on {len(data)} images "
-              f"of {dataset}/{args.split}; figures in {out}")
-        return
-    result = classify.write_evaluation(model, data, out)
-    print(f"accuracy {result['accuracy']:.4f} on {result['n']} images of {dataset}/{args.split}; figures in {out}")
+    model = ocula.load(args.model, device=args.device)
+    out = Path(args.out or Path(args.model).parent / f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}")
+    result = model.evaluate(args.data, split=args.split, data_dir=args.data_dir, out=out)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
+                      if isinstance(v, (int, float))}))
+    print(f"eval.json and figures in {out}")
 
 
 def cmd_export(args):
     import ocula
 
-    model = ocula.load(args.model)
-    if model.info.task == "detect":
-        from ocula.tasks import detect
-
-        if args.format != "onnx":
-            raise OculaError("detection models export to ONNX only (--format onnx)")
-        out = detect.export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"))
-        diff = detect.check_onnx_parity(model, out)
-        print(f"{out} (ONNX Runtime vs torch: same detections, boxes within {diff:.2e} px; NMS runs after ORT)")
-        return
-    if args.format == "onnx":
-        from ocula.export.onnx import check_parity, export_onnx
-
-        dense = model.info.task == "segment"
-        out = export_onnx(model, args.out or Path(args.model).with_suffix(".onnx"), dynamic_hw=dense)
-        diff = check_parity(model, out)
-        if dense:  # height and width are dynamic: check a size unlike the traced one too
-            import torch
-
-            pre = model.info.preprocess
-            diff = max(diff, check_parity(model, out, torch.rand(1, pre["channels"], 500, 700) * pre["value_max"]))
-        print(f"{out} (ONNX Runtime vs torch: max abs difference {diff:.2e})")
-    else:
-        from ocula.export.coreml import export_coreml
-
-        print(export_coreml(model, args.out or Path(args.model).with_suffix(".mlpackage")))
+    print(ocula.load(args.model, device="cpu").export(args.format, args.out))
 
 
 def cmd_predict(args):
     import ocula
     from ocula.data.images import list_images
-    from ocula.tasks.classify import predict_photo
-    from ocula.tasks.segment_train import predict_file
 
-    model = ocula.load(args.model)
-    segment = model.info.task == "segment"
-    detecting = model.info.task == "detect"
+    model = ocula.load(args.model, device=args.device)
     files = []
     for item in args.inputs:
         files += list_images(item) if Path(item).is_dir() else [Path(item)]
-    results, failed = [], 0
-    for f in files:
-        steps = None
-        if args.steps:
-            steps = Path(args.steps) if len(files) == 1 else Path(args.steps).with_name(
-                f"{Path(args.steps).stem}-{f.stem}.png")
+    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh")
+               if getattr(args, k) is not None}
+    out, failed = [], 0
+    for f in files:  # one file at a time: a bad file is reported and the others are still predicted
         try:
-            if detecting:
-                from ocula.tasks.detect import predict_file as detect_file
-
-                r = detect_file(model, f, Path(args.out))
-            elif segment:
-                r = predict_file(model, f, Path(args.out), pixel_size=args.pixel_size, min_area=args.min_area)
-            else:
-                r = predict_photo(model, f, steps)
+            r = model.predict(f, **options)[0]
+            saved = r.save(Path(args.out), f.stem) if args.out else {}
         except OculaError as e:
             if len(files) == 1:
                 raise
             failed += 1
-            r = {"file": str(f), "error": str(e)}
+            out.append({"file": str(f), "error": str(e)})
             print(f"ocula: error: {e}", file=sys.stderr)
-        results.append(r)
-        if not args.json and "error" not in r:
-            if detecting:
-                counts = ", ".join(f"{c} {n}" for c, n in r["counts"].items())
-                print(f"{r['file']}: {counts}; {r['image']}, {r['json']}")
-            elif segment:
-                print(f"{r['file']}: {r['count']} cells; {r['mask']}, {r['overlay']}, {r['cells_csv']}")
-            else:
-                print(f"{r['file']}: {r['class']} (probability {r['probability']:.2f})")
+            continue
+        out.append({**r.to_json(), **saved})
+        if not args.json:
+            print(r.describe() + ("; " + ", ".join(saved.values()) if saved else ""))
     if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
     return 1 if failed else 0
 
 
@@ -263,7 +156,7 @@ def cmd_inspect_rf(args):
     if Path(args.model).is_file():
         import ocula
 
-        model = ocula.load(args.model)
+        model = ocula.load(args.model, device="cpu").module
         pre = model.info.preprocess
         size, channels = tuple(pre.get("input_size", (args.size, args.size))), pre.get("channels", 3)
     else:
@@ -335,34 +228,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", dest="dst_format", required=True, choices=["voc", "coco", "yolo"])
     c.add_argument("--split")
 
-    c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/")
-    c.add_argument("dataset")
-    c.add_argument("--model", choices=["svc", "cnn", "unet", "unet-seed", "fcos", "faster-rcnn"],
-                   help="default: cnn to classify, unet to segment, fcos to detect")
+    def device(c):
+        c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+
+    c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/ (the task follows from the data)")
+    c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
+                   "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
+    c.add_argument("--model", help="classify: cnn (default), svc, resnet18, ...; segment: unet (default), "
+                   "unet-seed; detect: fcos (default), faster-rcnn")
+    c.add_argument("--config", help="rerun the run recorded in this config.json (other options override it)")
     c.add_argument("--name", help="run name (default DATASET-MODEL)")
-    # Unset options take the task's defaults (classify: 30 epochs, batch 128, lr 3e-3, one-cycle, weight decay
-    # 5e-4; segment: 40 epochs, batch 8, lr 2e-3 / 3e-4 seed, LR on plateau, early stopping 10, weight decay 1e-4).
+    # Unset options keep the task's defaults (e.g. classify: 30 epochs, batch 128, lr 3e-3, one-cycle;
+    # segment: 40 epochs, batch 8, LR on plateau, early stopping 10; detect: a 40-minute budget).
     c.add_argument("--epochs", type=int)
     c.add_argument("--batch-size", type=int)
     c.add_argument("--lr", type=float)
     c.add_argument("--weight-decay", type=float)
-    c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    c.add_argument("--optimizer", choices=["adamw", "sgd"])
     c.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "constant"])
-    c.add_argument("--label-smoothing", type=float, default=0.0)
+    c.add_argument("--label-smoothing", type=float)
     c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
-    c.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for selection")
+    c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
+                   "no val split (default 0.1)")
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
-    c.add_argument("--minutes", type=float, default=40.0, help="detect: wall-clock training budget")
+    c.add_argument("--minutes", type=float, help="detect: wall-clock budget (default 40); with --epochs, "
+                   "whichever ends first")
+    c.add_argument("--steps-per-epoch", type=int, help="detect: batches between validations")
+    c.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="detect: size images are fitted to")
     c.add_argument("--weights", help="detect: torchvision ImageNet checkpoint (.pth) for faster-rcnn's backbone")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--threads", type=int)
+    device(c)
+    c.set_defaults(device=None)
     c.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="bfloat16 autocast (default: on for segmentation, off for classification)")
+                   help="mixed precision (default: on for segmentation and FCOS, off for classification)")
     c.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
-    c.add_argument("--compile", action="store_true", help="torch.compile")
-    c.add_argument("--resume", action="store_true", help="continue from the run's last.ocula")
+    c.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile")
+    c.add_argument("--resume", action="store_true", help="continue the run from its last.ocula")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--runs-dir", default=str(RUNS))
     c.add_argument("--quiet", action="store_true")
@@ -371,27 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("evaluate", cmd_evaluate, "score a model on a dataset split: accuracy and confusion matrix, "
                 "mAP, or Dice / IoU per class and image")
     c.add_argument("model")
-    c.add_argument("--data", help="dataset (default: the one it was trained on)")
-    c.add_argument("--split", default="test")
-    c.add_argument("--out")
+    c.add_argument("--data", help="dataset name or folder (default: the one it was trained on)")
+    c.add_argument("--split", help="default: test, else val")
+    c.add_argument("--out", help="folder for eval.json and figures")
+    device(c)
     data_dir(c)
 
-    c = command("export", cmd_export, "export a model file to ONNX or CoreML")
+    c = command("export", cmd_export, "export a model file to ONNX (checked with ONNX Runtime) or CoreML")
     c.add_argument("model")
     c.add_argument("--format", required=True, choices=["onnx", "coreml"])
     c.add_argument("--out")
 
-    c = command("predict", cmd_predict, "predict files or folders: digit photos (classify), or masks, overlays "
-                "and cell tables (segment)")
+    c = command("predict", cmd_predict, "predict image files or folders: labels, masks and cell tables, or boxes")
     c.add_argument("model")
     c.add_argument("inputs", nargs="+")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--steps", help="classify: PNG drawing each preprocessing stage")
-    c.add_argument("--out", default="predictions", help="segment: masks, overlays and cell tables; detect: boxes "
-                   "drawn (PNG) and JSON")
+    c.add_argument("--out", default="predictions", help="folder for what each task draws: preprocessing stages, "
+                   "masks, overlays and cell tables, boxes; '' for none")
+    c.add_argument("--batch-size", type=int)
     c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
+    c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")
+    device(c)
 
     inspect = sub.add_parser("inspect", help="look inside models")
     isub = inspect.add_subparsers(dest="inspect_command", required=True)

@@ -11,35 +11,31 @@ SAMPLES = Path(__file__).parent / "samples"
 DIGITS_CNN = dict(epochs=30, batch_size=64, lr=3e-3, monitor="val_loss", mode="min", seed=0)
 
 
+def read_samples(model) -> tuple[int, list]:
+    """How many of the bundled sample photos (digit-K.jpg shows K) the model reads correctly, and its answers."""
+    photos = sorted(SAMPLES.glob("digit-*.jpg"))
+    results = model.predict(photos)
+    return sum(r.name == p.stem[-1] for p, r in zip(photos, results)), results
+
+
 def run_demo(runs_dir: Path) -> dict:
     import ocula
-    from ocula.engine.trainer import TrainConfig
-    from ocula.export.onnx import check_parity, export_onnx
-    from ocula.tasks import classify
 
     start = time.perf_counter()
-    results = {}
-    config = TrainConfig(**DIGITS_CNN)
-    for model in ("svc", "cnn"):
-        run_dir = runs_dir / "classify" / f"demo-digits-{model}"
-        results[model] = classify.train("digits", model, config, run_dir=run_dir, progress=False)
+    models = {name: ocula.train("digits", name, name=f"demo-digits-{name}", runs_dir=runs_dir, overwrite=True,
+                                progress=False, **(DIGITS_CNN if name == "cnn" else {}))
+              for name in ("svc", "cnn")}
     print("\ndigits, the document's split (test_size=0.33, random_state=42): 594 of the 1797 images held out")
     print(f"  {'document SVC(gamma=0.001), as reported':42s} accuracy {DOCUMENT_ACCURACY:.4f}")
     for name, label in (("svc", "ocula svc (same SVC, exact torch module)"), ("cnn", "ocula cnn")):
-        r = results[name]
+        r = models[name].summary
         print(f"  {label:42s} accuracy {r['test_accuracy']:.4f}   trained in {r['train_seconds']:.1f} s")
-    model_file = Path(results["cnn"]["model_file"])
-    model = ocula.load(model_file)
-    onnx_file = export_onnx(model, model_file.with_suffix(".onnx"))
-    print(f"\nsaved {model_file}\nexported {onnx_file} (ONNX Runtime vs torch max abs diff "
-          f"{check_parity(model, onnx_file):.1e})")
-    photos = sorted(SAMPLES.glob("digit-*.jpg"))
-    steps = model_file.parent / "steps-digit-5.png"
-    preds = [classify.predict_photo(model, p, steps if p.stem == "digit-5" else None) for p in photos]
-    correct = sum(pred["class"] == p.stem[-1] for p, pred in zip(photos, preds))
-    print(f"sample photos (MNIST digits rendered as phone photos): {correct}/{len(photos)} read correctly: "
-          + ", ".join(f"{p.stem[-1]}->{pred['class']}" for p, pred in zip(photos, preds)))
+    model = models["cnn"]
+    print(f"\nsaved {model.path}\nexported {model.export('onnx')}")
+    correct, results = read_samples(model)
+    steps = results[5].save(model.run_dir, "digit-5")["steps"]
+    print(f"sample photos (MNIST digits rendered as phone photos): {correct}/{len(results)} read correctly: "
+          + ", ".join(f"{Path(r.source).stem[-1]}->{r.name}" for r in results))
     print(f"the stages of digit-5.jpg are drawn in {steps}")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Try:  ocula predict {model_file} "
-          f"{SAMPLES} --steps steps.png")
-    return results
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Try:  ocula predict {model.path} {SAMPLES}")
+    return {name: m.summary for name, m in models.items()}

@@ -84,18 +84,28 @@ def read_model_file(path: str | Path):
     return info, tensors, metadata
 
 
-def load_model(path: str | Path):
-    """Rebuild the model from a file; returns the module in eval mode with `.info` (ModelInfo) attached."""
+def load_model(path: str | Path, device="cpu"):
+    """Rebuild the model from a file on `device` ('auto', 'cpu', 'cuda', ...); returns the module in eval mode with
+    `.info` (ModelInfo) attached. A file saved from a DistributedDataParallel or torch.compile wrapper loads too."""
+    from ocula.engine.device import resolve_device
     from ocula.models import build
 
     info, tensors, _ = read_model_file(path)
-    weights = {k: v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)}
+    weights = {_unwrapped(k): v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)}
     try:
         model = build(info.arch, **info.args)
         model.load_state_dict(weights, strict=True)
     except (RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0]
         raise OculaError(f"weights do not fit architecture {info.arch!r}: {first}", path) from None
-    model.eval()
+    model.to(resolve_device(device)).eval()
     model.info = info
     return model
+
+
+def _unwrapped(key: str) -> str:
+    """A parameter name without the prefix that DDP ('module.') or torch.compile ('_orig_mod.') wrappers add."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key

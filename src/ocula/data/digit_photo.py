@@ -53,9 +53,10 @@ def _keep_digit(binary: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep)
 
 
-def prepare_digit(source, *, style: str = "digits", size: tuple[int, int] = (8, 8)):
-    """Return (array [H, W] float32 in the model's value range, steps: dict name -> image for drawing)."""
-    path = source if isinstance(source, (str, Path)) else "<image>"
+def prepare_digit(source, *, style: str = "digits", size: tuple[int, int] = (8, 8), name: str | None = None):
+    """Return (array [H, W] float32 in the model's value range, steps: dict name -> image for drawing).
+    `name` names an in-memory image in error messages."""
+    path = source if isinstance(source, (str, Path)) else name or "<image>"
     img = open_image(source) if isinstance(source, (str, Path)) else source
     rgb = to_mode(img, "RGB")
     rgb.thumbnail((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX)

@@ -1,19 +1,26 @@
-"""Keras-style callbacks: small objects the trainer calls after each batch and epoch.
+"""Keras-style callbacks: small objects the trainer calls when training starts, after each batch and epoch.
 
-Each callback's state is a JSON-able dict, saved in the `last` checkpoint so a resumed run continues exactly.
+Each callback's state is a dict of JSON values and tensors, saved in the `last` checkpoint so a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
+import time
 from pathlib import Path
+
+import torch
 
 from ocula.fileio import write_text
 
 
 class Callback:
+    def on_train_begin(self, trainer) -> None: ...
+
     def on_batch_end(self, trainer, loss: float) -> None: ...
 
     def on_epoch_end(self, trainer, logs: dict) -> None: ...
@@ -42,16 +49,16 @@ class _Monitor(Callback):
 
 
 class ModelCheckpoint(_Monitor):
-    """Save `best.ocula` whenever the monitored metric improves."""
+    """Save `best.ocula` whenever the monitored metric improves: the trained weights, or their EMA when given."""
 
-    def __init__(self, path: Path, monitor: str = "val_accuracy", mode: str = "max"):
+    def __init__(self, path: Path, monitor: str = "val_accuracy", mode: str = "max", ema: "EMA | None" = None):
         super().__init__(monitor, mode)
-        self.path = Path(path)
+        self.path, self.ema = Path(path), ema
 
     def on_epoch_end(self, trainer, logs):
         if self.monitor in logs and self.improved(logs[self.monitor]):
             self.best = logs[self.monitor]
-            trainer.save_model(self.path, logs)
+            trainer.save_model(self.path, logs, self.ema.module if self.ema else None)
 
 
 class EarlyStopping(_Monitor):
@@ -124,3 +131,82 @@ class TerminateOnNaN(Callback):
     def on_batch_end(self, trainer, loss):
         if not math.isfinite(loss):
             trainer.stop(f"loss became {loss} at epoch {trainer.epoch + 1}; training stopped", failed=True)
+
+
+class LearningRateBudget(Callback):
+    """Linear warm-up, then cosine down to `final` x the peak learning rate, over a budget of wall-clock `seconds`
+    or of `steps` (whichever ends first); training stops when the budget is spent. A run that must stop at, say,
+    40 minutes thus still ends at a low learning rate. A budget in steps is exactly repeatable, one in seconds not."""
+
+    def __init__(self, *, seconds: float | None = None, steps: int | None = None, warmup: float = 0.03,
+                 final: float = 0.02):
+        if not (seconds or steps):
+            raise ValueError("a budget needs seconds or steps")
+        self.seconds, self.steps, self.warmup, self.final = seconds, steps, warmup, final
+        self.done, self.elapsed, self.clock = 0, 0.0, 0.0
+
+    def progress(self) -> float:
+        parts = []
+        if self.seconds:
+            parts.append((self.elapsed + time.perf_counter() - self.clock) / self.seconds)
+        if self.steps:
+            parts.append(self.done / self.steps)
+        return max(parts)
+
+    def on_train_begin(self, trainer):
+        self.peak, self.clock = trainer.config.lr, time.perf_counter()
+        self._set(trainer, min(self.progress(), 1.0))
+
+    def _set(self, trainer, t: float) -> None:
+        if t < self.warmup:
+            f = 0.05 + 0.95 * t / self.warmup
+        else:
+            f = self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * (t - self.warmup) / (1 - self.warmup)))
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = self.peak * f
+
+    def on_batch_end(self, trainer, loss):
+        self.done += 1
+        t = self.progress()
+        if t >= 1:
+            spent = f"{self.seconds / 60:.1f} minutes" if self.seconds and not (self.steps and self.done >= self.steps) \
+                else f"{self.steps} steps"
+            trainer.stop(f"budget of {spent} reached")
+        self._set(trainer, min(t, 1.0))
+
+    def state_dict(self):
+        return {"done": self.done, "elapsed": self.elapsed + time.perf_counter() - self.clock}
+
+    def load_state_dict(self, state):
+        self.done, self.elapsed = state["done"], state["elapsed"]
+
+
+class EMA(Callback):
+    """Exponential moving average of the weights (and BN statistics), the model that gets evaluated and kept.
+    The decay ramps up from 0 so the early, fast-changing weights are not averaged in for long."""
+
+    def __init__(self, model: torch.nn.Module, *, decay: float = 0.998, ramp: float = 300):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.ramp, self.updates = decay, ramp, 0
+
+    def on_train_begin(self, trainer):
+        self.module.to(trainer.device)
+
+    @torch.no_grad()
+    def on_batch_end(self, trainer, loss):
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
+        for e, m in zip(self.module.state_dict().values(), trainer.model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+    def state_dict(self):
+        return {"updates": self.updates, "weights": dict(self.module.state_dict())}
+
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+        self.module.load_state_dict(state["weights"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, \
     TerminateOnNaN
+from ocula.engine.device import autocast, grad_scaler, resolve_device, runtime, to_device
 from ocula.errors import OculaError
 from ocula.modelfile import ModelInfo, read_model_file, save_model
 
@@ -39,9 +39,10 @@ class TrainConfig:
     plateau_patience: int = 3
     plateau_factor: float = 0.5
     channels_last: bool = False
-    bf16: bool = False  # bfloat16 autocast (AVX-512 BF16 CPUs)
+    bf16: bool = False  # mixed precision: bfloat16 autocast on CPUs (AVX-512 BF16), bf16 or fp16 on GPUs
     compile: bool = False  # torch.compile the training step's model
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -50,6 +51,10 @@ class TrainConfig:
         if unknown:
             raise OculaError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+# Settings a resumed run may change: where and how fast it runs, and (only upwards) how long.
+RUNTIME = ("threads", "device", "compile", "epochs")
 
 
 def _split_state(obj, prefix: str, tensors: dict):
@@ -93,11 +98,11 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.stop_reason: str | None = None
         self.failed = False
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
+        self.device = resolve_device(config.device)
+        self.model = self.model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.scaler = grad_scaler(self.device, config.bf16)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
@@ -138,9 +143,10 @@ class Trainer:
         self.stop_reason, self.failed = reason, failed
 
     # --- checkpoints -------------------------------------------------------------------------------------
-    def save_model(self, path: Path, logs: dict) -> Path:
+    def save_model(self, path: Path, logs: dict, module: torch.nn.Module | None = None) -> Path:
+        """Save `module` (default: the trained model) with the epoch's metrics."""
         self.info.metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
-        return save_model(path, self.model, self.info)
+        return save_model(path, module if module is not None else self.model, self.info)
 
     def save_last(self, path: Path) -> Path:
         tensors: dict = {}
@@ -150,7 +156,8 @@ class Trainer:
             "config": asdict(self.config),
             "optimizer": _split_state(self.optimizer.state_dict(), "optimizer", tensors),
             "scheduler": _split_state(self.scheduler.state_dict(), "scheduler", tensors) if self.scheduler else None,
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": [_split_state(cb.state_dict(), f"callbacks.{i}", tensors)
+                          for i, cb in enumerate(self.callbacks)],
         }
         return save_model(path, self.model, self.info, extra_tensors=tensors, extra_metadata={"train_state": state})
 
@@ -161,9 +168,13 @@ class Trainer:
         if "train_state" not in metadata:
             raise OculaError("no training state in this file (resume needs last.ocula)", path)
         state = json.loads(metadata["train_state"])
-        if state["config"] != asdict(self.config):
-            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.config).get(k))
-            raise OculaError(f"cannot resume with a different config (changed: {', '.join(changed)})", path)
+        now = asdict(self.config)
+        changed = sorted(k for k in state["config"] if state["config"][k] != now.get(k) and k not in RUNTIME)
+        if changed:
+            raise OculaError(f"cannot resume with a different config (changed: {', '.join(changed)}; only "
+                             f"{', '.join(RUNTIME)} may change)", path)
+        if self.config.epochs < state["epoch"]:
+            raise OculaError(f"cannot resume for {self.config.epochs} epochs: {state['epoch']} are done", path)
         extra = {k[len(TRAIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAIN_PREFIX)}
         self.model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)})
         opt = _join_state(state["optimizer"], extra)
@@ -171,9 +182,18 @@ class Trainer:
         self.optimizer.load_state_dict(opt)
         if self.scheduler:
             self.scheduler.load_state_dict(_join_state(state["scheduler"], extra))
+            self._stretch_schedule()
         for cb, s in zip(self.callbacks, state["callbacks"]):
-            cb.load_state_dict(s)
+            cb.load_state_dict(_join_state(s, extra))
         self.epoch, self.history = state["epoch"], state["history"]
+
+    def _stretch_schedule(self) -> None:
+        """More epochs on resume: the step schedule spans the new total (the config already says it)."""
+        total = max(1, self.config.epochs * len(self.train_batches))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            self.scheduler.total_steps = total
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            self.scheduler.T_max = total
 
     # --- the loop ----------------------------------------------------------------------------------------
     def _train_epoch(self) -> float:
@@ -181,7 +201,6 @@ class Trainer:
         torch.manual_seed(c.seed * 100_003 + self.epoch)
         g = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
         self.model.train()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if c.bf16 else nullcontext()
         total, count = 0.0, 0
         bar = None
         if self.progress:
@@ -190,13 +209,15 @@ class Trainer:
             bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{c.epochs}", leave=False,
                        unit="batch")
         for x, y in self.train_batches(g):
+            x, y = to_device(x, self.device), to_device(y, self.device)
             if c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
+            with autocast(self.device, c.bf16):
                 loss = self.loss_fn(self._step_model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             if self.scheduler:
                 self.scheduler.step()
             value = float(loss.detach())
@@ -213,6 +234,11 @@ class Trainer:
         return total / max(count, 1)
 
     def fit(self, resume: bool = False) -> list[dict]:
+        """Train until config.epochs (or a callback stops it); seeds and threads are restored afterwards."""
+        with runtime(seed=self.config.seed, threads=self.config.threads, device=self.device):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> list[dict]:
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / "last.ocula" if self.run_dir else None
@@ -220,6 +246,8 @@ class Trainer:
             if not (last and last.is_file()):
                 raise OculaError("nothing to resume: no last.ocula", last or "run folder")
             self.load_last(last)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
         while self.epoch < self.config.epochs and not self.stop_reason:
             start = time.perf_counter()
             loss = self._train_epoch()

@@ -1,4 +1,8 @@
-"""ONNX export: one named tensor input with a dynamic batch (and, for dense tasks, dynamic height and width)."""
+"""ONNX export, one exporter for every task: one input 'image' [N, C, H, W] in the model's native value range.
+
+The batch is dynamic; `dynamic_hw` makes height and width dynamic too (dense and detection models). Output axes
+follow the output's rank: [N, K] scores, [N, P, D] per-cell outputs (P dynamic), [N, K, H, W] maps.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,34 @@ from ocula.errors import OculaError
 from ocula.fileio import atomic_path
 
 
-def example_input(model) -> torch.Tensor:
+def example_input(model, batch: int = 2) -> torch.Tensor:
     pre = model.info.preprocess
     h, w = pre.get("input_size", [128, 128])
-    return torch.rand(2, pre.get("channels", 3), h, w) * pre.get("value_max", 1.0)
+    return torch.rand(batch, pre.get("channels", 3), h, w) * pre.get("value_max", 1.0)
 
 
-def export_onnx(model, path: str | Path, *, dynamic_hw: bool = False, opset: int = 17) -> Path:
-    """Export with input 'image' [N, C, H, W] (the model's native value range) and output 'scores'."""
+def _output_axes(out: torch.Tensor, dynamic_hw: bool) -> dict:
+    if out.dim() == 3:
+        return {0: "batch", 1: "cells"}
+    if out.dim() == 4 and dynamic_hw:
+        return {0: "batch", 2: "height", 3: "width"}
+    return {0: "batch"}
+
+
+def export_onnx(model, path: str | Path, *, outputs: tuple[str, ...] = ("scores",), dynamic_hw: bool = False,
+                opset: int = 17) -> Path:
+    """Export a CPU model in eval mode with input 'image' and the named outputs."""
     model.eval()
     x = example_input(model)
-    axes = {0: "batch"}
-    if dynamic_hw:
-        axes.update({2: "height", 3: "width"})
+    with torch.no_grad():
+        result = model(x)
+    result = result if isinstance(result, (tuple, list)) else (result,)
+    axes = {"image": {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
+    axes.update({name: _output_axes(out, dynamic_hw) for name, out in zip(outputs, result)})
     with atomic_path(path) as tmp:
         try:
-            torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["scores"],
-                              dynamic_axes={"image": axes, "scores": axes}, opset_version=opset,
-                              dynamo=False)
+            torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=list(outputs),
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
         except Exception as e:  # the exporter's errors are long; keep the first line
             raise OculaError(f"ONNX export failed: {str(e).strip().splitlines()[0]}", path) from None
     return Path(path)
@@ -42,12 +56,21 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
+    return session.run(None, {"image": x.detach().cpu().numpy()})
+
+
 def check_parity(model, path: str | Path, x: torch.Tensor | None = None) -> float:
-    """Max abs difference between torch and ONNX Runtime outputs; raises if argmax differs."""
+    """Max abs difference between torch and ONNX Runtime over every output; raises if a [N, K] output's argmax
+    (the predicted class) differs."""
     x = example_input(model) if x is None else x
     with torch.no_grad():
-        ref = model(x).numpy()
-    out = onnx_session(path).run(None, {"image": x.numpy()})[0]
-    if ref.ndim == 2 and not np.array_equal(ref.argmax(1), out.argmax(1)):
-        raise OculaError("ONNX Runtime predictions differ from torch", path)
-    return float(np.abs(ref - out).max())
+        ref = model(x)
+    ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    got = run_onnx(onnx_session(path), x)
+    for r, o in zip(ref, got):
+        if r.shape != o.shape:
+            raise OculaError(f"ONNX Runtime output shape {o.shape} differs from torch's {r.shape}", path)
+        if r.ndim == 2 and not np.array_equal(r.argmax(1), o.argmax(1)):
+            raise OculaError("ONNX Runtime predictions differ from torch", path)
+    return max(float(np.abs(r - o).max()) for r, o in zip(ref, got))

@@ -10,6 +10,7 @@ from ocula.errors import OculaError
 ARCHITECTURES = {
     "svc": "ocula.models.classifiers:RBFSVC",
     "cnn": "ocula.models.classifiers:SmallCNN",
+    "backbone-classifier": "ocula.models.classifiers:BackboneClassifier",
     "unet": "ocula.models.unet:UNet",
     "normalized-unet": "ocula.models.unet:NormalizedUNet",
     "fcos": "ocula.models.detection.fcos:FCOS",

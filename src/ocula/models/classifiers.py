@@ -1,4 +1,4 @@
-"""Image classifiers taking [N, 1, H, W] in the data's native value range (0-16 digits, 0-255 MNIST).
+"""Image classifiers taking [N, C, H, W] in the data's native value range (0-16 digits, 0-255 images).
 
 Normalisation lives inside the model so that predict, export and serve can never feed it the wrong scaling.
 """
@@ -62,11 +62,14 @@ class RBFSVC(nn.Module):
 
 
 class Normalize(nn.Module):
-    """Native value range -> zero-mean unit-variance, with the dataset statistics stored in the model."""
+    """Native value range -> zero-mean unit-variance, with the dataset statistics (one value, or one per channel)
+    stored in the model's arguments (the buffers are not saved: the model file's arguments rebuild them)."""
 
-    def __init__(self, value_max: float, mean: float, std: float):
+    def __init__(self, value_max: float, mean: float | list[float], std: float | list[float]):
         super().__init__()
-        self.scale, self.shift = 1.0 / (value_max * std), mean / std
+        mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / (value_max * std)).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (mean / std).reshape(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
         return x * self.scale - self.shift
@@ -100,3 +103,26 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
+
+
+class BackboneClassifier(nn.Module):
+    """A named backbone (resnet18, mobilenet_v2, ...) as a classifier of images in their native value range.
+
+    `small_input` swaps an ImageNet stem (stride 4 before the first stage) for a 3x3 stride-1 convolution, as is
+    usual for 32x32 images such as CIFAR-10: the last stage then sees 4x4 maps instead of 1x1."""
+
+    def __init__(self, *, backbone: str, num_classes: int, in_channels: int = 3, value_max: float = 255.0,
+                 mean: float | list[float] = 0.5, std: float | list[float] = 0.25, small_input: bool = False):
+        super().__init__()
+        from ocula.models.backbones import build_backbone
+
+        self.normalize = Normalize(value_max, mean, std)
+        self.net = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
+        if small_input:
+            if not hasattr(self.net, "maxpool"):
+                raise ValueError(f"small_input needs a ResNet-style stem; {backbone} has none")
+            self.net.conv1 = nn.Conv2d(in_channels, self.net.conv1.out_channels, 3, padding=1, bias=False)
+            self.net.maxpool = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))

@@ -1,9 +1,9 @@
-"""Classification: build, train, evaluate and run classifiers on grayscale image sets (digits, MNIST, ...)."""
+"""Classification: the task protocol (see `ocula.tasks`) for image -> label, on any image set (digits, MNIST,
+CIFAR-10, a folder of class folders) with the source document's SVC, a small CNN or a named backbone."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +13,36 @@ import torch.nn.functional as F
 from ocula.data.classification import ImageSet
 from ocula.engine.batches import ArrayBatches, random_affine
 from ocula.engine.trainer import TrainConfig, Trainer
+from ocula.errors import OculaError
 from ocula.fileio import write_json
-from ocula.modelfile import ModelInfo, save_model
+from ocula.modelfile import ModelInfo
 from ocula.models import build
+from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
+MODELS = ("cnn", "svc", *list_backbones())
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0)
+# How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
+PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths; benchmarks pass narrower ones for MNIST speed
 # Augmentation strength per input size (8x8 digits tolerate less shift than 28x28).
 AUGMENT = {8: dict(shift=0.08, rotate=8, scale=0.08), 28: dict(shift=0.1, rotate=10, scale=0.1)}
 # Clothes are photographed upright and mirror-symmetric: flips help, rotations do not.
 DATASET_AUGMENT = {"fashion-mnist": dict(shift=0.08, rotate=0, scale=0.05, hflip=True)}
+COLOUR = dict(shift=0.1, rotate=0, scale=0.1, hflip=True)  # natural photos: mirror and shift, as for CIFAR
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """[N, H, W] in the native value range -> float32 [N, 1, H, W] (models normalise internally)."""
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+    """[N, H, W] or [N, H, W, C] in the native value range -> float32 [N, C, H, W] (models normalise inside)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 def model_info(data: ImageSet, arch: str, args: dict) -> ModelInfo:
-    h, w = data.images.shape[1:]
+    h, w = data.images.shape[1:3]
     return ModelInfo(task="classify", arch=arch, args=args, classes=list(data.classes),
-                     preprocess={"input_size": [h, w], "channels": 1, "value_max": data.value_max,
-                                 "style": "digits" if data.value_max == 16 else "mnist",
+                     preprocess={"input_size": [h, w], "channels": data.channels, "value_max": data.value_max,
+                                 "style": PHOTO_STYLES.get(data.name, "resize"),
                                  "scores": "votes" if arch == "svc" else "logits", "dataset": data.name})
 
 
@@ -42,6 +50,8 @@ def fit_svc(train: ImageSet, *, gamma: float = 0.001, C: float = 1.0):
     """The source document's SVC (gamma=0.001), fitted by scikit-learn, returned as an exact torch module."""
     from sklearn.svm import SVC
 
+    if train.channels != 1:
+        raise OculaError(f"the SVC classifies grey images; {train.name} has {train.channels} channels: use cnn")
     svc = SVC(gamma=gamma, C=C).fit(train.images.reshape(len(train), -1), train.labels)
     model = RBFSVC.from_sklearn(svc).eval()
     return model, model_info(train, "svc", {"n_features": model.n_features, "n_support": model.n_support,
@@ -59,13 +69,27 @@ def tune_svc(train: ImageSet, *, folds: int = 5, seed: int = 0):
     return search.best_params_
 
 
+def _stats(train: ImageSet) -> tuple:
+    """Mean and std on the 0..1 scale: one value for grey images, one per channel for colour."""
+    x = train.images.reshape(len(train), -1, train.channels)[:20_000].astype(np.float64) / train.value_max
+    mean, std = x.mean((0, 1)), x.std((0, 1))
+    if train.channels == 1:
+        return round(float(mean[0]), 4), round(float(std[0]), 4)
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
 def cnn_args(train: ImageSet, **overrides) -> dict:
-    x = train.images.astype(np.float64) / train.value_max
-    args = dict(num_classes=len(train.classes), in_channels=1, value_max=train.value_max,
-                mean=round(float(x.mean()), 4), std=round(float(x.std()), 4),
-                widths=CNN_WIDTHS)
+    mean, std = _stats(train)
+    args = dict(num_classes=len(train.classes), in_channels=train.channels, value_max=train.value_max,
+                mean=mean, std=std, widths=CNN_WIDTHS)
     args.update(overrides)
     return args
+
+
+def backbone_args(train: ImageSet, backbone: str) -> dict:
+    mean, std = _stats(train)
+    return dict(backbone=backbone, num_classes=len(train.classes), in_channels=train.channels,
+                value_max=train.value_max, mean=mean, std=std, small_input=min(train.images.shape[1:3]) <= 64)
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int):
@@ -79,14 +103,18 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
-              resume: bool = False, progress: bool = True, augment: bool = True, arch_args: dict | None = None):
-    """Train the CNN with the shared engine; returns (model, info, history)."""
-    torch.manual_seed(config.seed)
+              resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
+              arch_args: dict | None = None):
+    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
+    history)."""
+    from ocula.engine.device import runtime
+
     args = arch_args or cnn_args(train)
-    model = build("cnn", **args)
-    info = model_info(train, "cnn", args)
+    with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
+        model = build(arch, **args)
+    info = model_info(train, arch, args)
     size = train.images.shape[1]
-    params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28])
+    params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28] if train.channels == 1 else COLOUR)
     aug = (lambda x, g: random_affine(x, g, **params)) if augment else None
     batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels), config.batch_size,
                            augment=aug, drop_last=len(train) > config.batch_size)
@@ -110,21 +138,30 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
 
 @torch.no_grad()
 def batched_forward(model, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Outputs for a CPU batch, computed on the model's device in chunks, returned on the CPU."""
+    from ocula.engine.device import device_of
+
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = device_of(model)
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def scores_to_probabilities(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """Logits -> softmax; SVC votes -> share of the one-vs-one duels won."""
+    """Logits -> softmax; SVC votes -> each class's share of all votes (the K(K-1)/2 one-vs-one duels), which
+    sums to 1 and ranks classes as the votes do."""
     if kind == "votes":
-        return scores / (scores.shape[1] - 1)
+        return scores / scores.sum(1, keepdim=True)
     return scores.softmax(1)
 
 
-def evaluate(model, data: ImageSet) -> dict:
-    """Accuracy, per-class precision / recall / F1, confusion matrix, predictions."""
+def evaluate(model, data: ImageSet, out_dir: Path | None = None) -> dict:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix; with `out_dir`, also eval.json, the
+    confusion-matrix PNG and a grid of the misclassified images."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+    if out_dir is not None:
+        return write_evaluation(model, data, out_dir)
+    _check_fits(model, data)
     pred = batched_forward(model, to_tensor(data.images)).argmax(1).numpy()
     p, r, f, support = precision_recall_fscore_support(data.labels, pred, labels=range(len(data.classes)),
                                                        zero_division=0)
@@ -166,6 +203,15 @@ def plot_misclassified(data: ImageSet, predictions, path: Path, limit: int = 64)
                       title=f"{len(all_wrong)} misclassified of {len(data)}")
 
 
+def _check_fits(model, data: ImageSet) -> None:
+    pre = model.info.preprocess
+    shape = [*data.images.shape[1:3], data.channels]
+    if shape != [*pre["input_size"], pre["channels"]] or list(data.classes) != list(model.info.classes):
+        raise OculaError(f"dataset {data.name} ({shape[0]}x{shape[1]}x{shape[2]}, classes {list(data.classes)}) "
+                         f"does not fit the model ({pre['input_size'][0]}x{pre['input_size'][1]}x{pre['channels']}, "
+                         f"classes {model.info.classes})")
+
+
 def write_evaluation(model, data: ImageSet, out_dir: Path, prefix: str = "") -> dict:
     """Evaluate and write eval.json, the confusion-matrix PNG and the grid of misclassified images."""
     result = evaluate(model, data)
@@ -177,53 +223,117 @@ def write_evaluation(model, data: ImageSet, out_dir: Path, prefix: str = "") -> 
     return result
 
 
-def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None,
-          val_fraction: float = 0.1, resume: bool = False, progress: bool = True, svc_gamma: float = 0.001,
-          svc_C: float = 1.0) -> dict:
-    """Train `model_name` ('svc' or 'cnn') on `dataset`, evaluate on its test split, fill the run folder."""
-    from ocula.data import registry
+# --- the task protocol -----------------------------------------------------------------------------------------
+def default_config(model_name: str, **overrides) -> TrainConfig:
+    if model_name not in MODELS:
+        raise OculaError(f"unknown classifier {model_name!r}; choose one of {', '.join(MODELS)}")
+    return TrainConfig(**{"monitor": "val_loss", "mode": "min", **overrides})
 
-    run_dir = Path(run_dir)
-    train_set, test_set = registry.load(dataset, "train", data_dir), registry.load(dataset, "test", data_dir)
-    write_json(run_dir / "config.json", {"task": "classify", "dataset": dataset, "model": model_name,
-                                         "val_fraction": val_fraction, "train": asdict(config),
-                                         **({"svc": {"gamma": svc_gamma, "C": svc_C}} if model_name == "svc" else {})})
-    start = time.perf_counter()
+
+def load_data(data: str, split: str, data_dir=None, size=None) -> ImageSet:
+    """A split of a registered dataset or of an image folder (resized to `size` when its images differ)."""
+    from ocula.data.classification import load_image_folder
+    from ocula.data.layout import open_dataset
+
+    if Path(data).is_dir():
+        return load_image_folder(data, split, size=size)
+    return open_dataset(data, split, data_dir)
+
+
+def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
+          progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0):
+    """Fit on the train split, select on val (the dataset's own, else a stratified `val_fraction` of train), and
+    score the test split once when there is one. Returns (model with .info, summary)."""
+    from ocula.data.layout import splits
+
+    have = splits(data, data_dir)
+    train_set = load_data(data, "train", data_dir)
     if model_name == "svc":
         model, info = fit_svc(train_set, gamma=svc_gamma, C=svc_C)
-    elif model_name == "cnn":
-        fit_set, val_set = split_validation(train_set, val_fraction, config.seed)
-        model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress)
+    else:
+        fit_set, val_set = ((train_set, load_data(data, "val", data_dir, train_set.images.shape[1:3]))
+                            if "val" in have else split_validation(train_set, val_fraction, config.seed))
+        arch, args = ("cnn", cnn_args(fit_set)) if model_name == "cnn" else \
+            ("backbone-classifier", backbone_args(fit_set, model_name))
+        model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
+                                   arch=arch, arch_args=args)
         if val_set is not None and (run_dir / "best.ocula").is_file():
             from ocula.modelfile import load_model
 
-            model = load_model(run_dir / "best.ocula")
+            model = load_model(run_dir / "best.ocula", device=config.device)
             info = model.info
-    else:
-        raise ValueError(f"unknown classifier {model_name!r} (svc or cnn)")
-    seconds = time.perf_counter() - start
-    result = write_evaluation(model, test_set, run_dir)
-    info.metrics = {"test_accuracy": result["accuracy"], "train_seconds": round(seconds, 2)}
-    save_model(run_dir / "model.ocula", model, info)
-    summary = {"dataset": dataset, "model": model_name, "test_accuracy": result["accuracy"],
-               "train_seconds": round(seconds, 2), "model_file": str(run_dir / "model.ocula")}
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    model.info = info
+    summary = {}
+    if "test" in have:
+        result = write_evaluation(model, load_data(data, "test", data_dir, train_set.images.shape[1:3]), run_dir,
+                                  prefix="test-")
+        summary["test_accuracy"] = result["accuracy"]
+    info.metrics = {**{k: v for k, v in info.metrics.items() if k.startswith("val_")}, **summary}
+    return model, summary
 
 
-def predict_photo(model, path, steps_path: Path | None = None) -> dict:
-    """Classify one photographed digit with the model's own preprocessing; optionally draw every stage."""
-    from ocula.data.digit_photo import draw_steps, prepare_digit
+@dataclass
+class Classification:
+    """One image's answer: the label, its class name and probability, every class's probability."""
 
+    source: str
+    label: int
+    name: str
+    probability: float
+    probabilities: dict[str, float]
+    steps: dict = field(default_factory=dict, repr=False)  # preprocessing stages of a photo, for drawing
+
+    def describe(self) -> str:
+        return f"{self.source}: {self.name} (probability {self.probability:.2f})"
+
+    def to_json(self) -> dict:
+        return {"file": self.source, "label": self.label, "class": self.name,
+                "probability": round(self.probability, 4),
+                "probabilities": {c: round(p, 4) for c, p in self.probabilities.items()}}
+
+    def save(self, out_dir: Path, stem: str) -> dict:
+        """Draw the preprocessing stages of a photo as STEM-steps.png."""
+        from ocula.data.digit_photo import draw_steps
+
+        if not self.steps:
+            return {}
+        path = draw_steps(self.steps, Path(out_dir) / f"{stem}-steps.png",
+                          f"{Path(self.source).name}: {self.name} ({self.probability:.2f})")
+        return {"steps": str(path)}
+
+
+def prepare(image: np.ndarray, pre: dict, source: str = "<image>") -> tuple[np.ndarray, dict]:
+    """[C, H, W] float32 model input and the drawn stages. An image already of the training data's shape is taken
+    as it is (an array from the dataset); any other goes through the model's recorded photo recipe."""
+    from ocula.data.photo import prepare_photo
+
+    h, w = pre["input_size"]
+    a = image[..., None] if image.ndim == 2 else image
+    if pre["channels"] == 1 and a.shape[2] == 3 and (a == a[..., :1]).all():
+        a = a[..., :1]  # a grey picture saved as RGB
+    if a.shape == (h, w, pre["channels"]):
+        return np.ascontiguousarray(a.transpose(2, 0, 1), np.float32), {}
+    return prepare_photo(image, style=pre["style"], size=(h, w), channels=pre["channels"], name=source)
+
+
+def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: int = 256) -> list[Classification]:
     pre = model.info.preprocess
-    array, steps = prepare_digit(path, style=pre["style"], size=tuple(pre["input_size"]))
-    with torch.no_grad():
-        scores = model(to_tensor(array[None]))
-    probs = scores_to_probabilities(scores, pre.get("scores", "logits"))[0]
-    best = int(probs.argmax())
-    result = {"file": str(path), "label": best, "class": model.info.classes[best],
-              "probability": round(float(probs[best]), 4),
-              "probabilities": {c: round(float(p), 4) for c, p in zip(model.info.classes, probs)}}
-    if steps_path:
-        draw_steps(steps, steps_path, f"{Path(path).name}: {result['class']} ({result['probability']:.2f})")
-    return result
+    prepared = [prepare(im, pre, src) for im, src in zip(images, sources)]
+    scores = batched_forward(model, torch.from_numpy(np.stack([a for a, _ in prepared])), batch_size)
+    probs = scores_to_probabilities(scores.double(), pre.get("scores", "logits")).numpy()
+    classes = model.info.classes
+    return [Classification(src, int(p.argmax()), classes[int(p.argmax())], float(p.max()),
+                           {c: float(v) for c, v in zip(classes, p)}, steps)
+            for src, p, (_, steps) in zip(sources, probs, prepared)]
+
+
+def export(model, fmt: str, path: Path) -> str:
+    """ONNX (checked against torch on random input) or CoreML."""
+    if fmt == "coreml":
+        from ocula.export.coreml import export_coreml
+
+        return f"{export_coreml(model, path)}"
+    from ocula.export.onnx import check_parity, export_onnx
+
+    out = export_onnx(model, path)
+    return f"{out} (ONNX Runtime vs torch: max abs difference {check_parity(model, out):.2e})"

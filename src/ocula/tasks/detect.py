@@ -1,22 +1,19 @@
-"""Detection: train detectors on box datasets (BCCD), evaluate with COCO mAP, predict, draw and count.
+"""Detection: the task protocol (see `ocula.tasks`) for box datasets (BCCD, or a VOC / COCO / YOLO folder):
+train, evaluate with COCO mAP, predict, draw and count, export.
 
 Two detectors share one face here: "fcos" (ocula's one-stage anchor-free CSP/PAN detector) and "faster-rcnn"
 (ResNet-18 + FPN, GroupNorm). Both run at the model's recorded `input_size`: an image is resized to fit it
 (aspect kept), zero-padded to a multiple of 32, and the boxes are scaled back to the image's own pixels.
 
-Training follows a wall-clock budget: the learning rate is a warm-up + cosine over the budget's seconds rather
-than over steps, so a run that has to stop at, say, 40 minutes still ends at a low learning rate; the best
-validation checkpoint (of the weights' exponential moving average) is the result.
+Training follows a budget of wall-clock minutes or of steps (the engine's LearningRateBudget: warm-up + cosine
+over the budget), and the best validation checkpoint of the weights' exponential moving average is the result.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import math
-import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ocula.data.box_transforms import augment, colour_jitter
-from ocula.engine.callbacks import Callback, CSVLogger, TerminateOnNaN
+from ocula.engine.callbacks import EMA, CSVLogger, LearningRateBudget, ModelCheckpoint, TerminateOnNaN
+from ocula.engine.device import device_of
 from ocula.engine.trainer import TrainConfig, Trainer
 from ocula.errors import OculaError
-from ocula.fileio import atomic_path, write_json
-from ocula.modelfile import ModelInfo, save_model
+from ocula.fileio import write_json
+from ocula.modelfile import ModelInfo
 from ocula.models import build
 
 DIVISOR = 32
@@ -47,13 +45,28 @@ PRESETS = {
                         train=dict(batch_size=4, lr=1e-3, weight_decay=0.05, bf16=False, channels_last=False),
                         steps_per_epoch=50),
 }
+MODELS = tuple(PRESETS)
+OPTIONS = dict(minutes=40.0, steps_per_epoch=None, weights=None, input_size=None, ignore_missing=None,
+               val_fraction=0.1)
 FCOS_LOSS = dict(radius=1.5, quality=True)  # quality focal loss: +0.02 val mAP@.5 in 6-minute trials
-INPUT_SIZE = (384, 512)  # h, w the 480 x 640 BCCD smears are resized to (0.8x): platelets stay ~24 px
+# Per dataset: the (h, w) images are resized to, and whether a class missing from an image that nearly all
+# images show is treated as unlabelled rather than absent (`ignored_classes`). BCCD's 480 x 640 smears go to
+# 0.8x (platelets stay ~24 px), and a BCCD smear without a labelled RBC has unlabelled RBCs (a known defect).
+DATASETS = {"bccd": dict(input_size=(384, 512), ignore_missing=True)}
+MAX_SIDE = 640  # other datasets: the typical image, scaled down to this long side, in multiples of 32
 SCORE_THRESH = 0.4  # drawn / counted detections; evaluation uses every detection above 0.05
 NMS_THRESH = 0.6  # FCOS's class-wise NMS IoU unless the model file records one tuned on validation
 
 
 # --- running a detector at its input size ------------------------------------------------------------------
+def default_input_size(data) -> tuple[int, int]:
+    """The median image size of `data`, shrunk to at most MAX_SIDE on the long side, rounded to multiples of 32."""
+    h = float(np.median([r.height for r in data.records]))
+    w = float(np.median([r.width for r in data.records]))
+    s = min(1.0, MAX_SIDE / max(h, w))
+    return max(DIVISOR, round(h * s / DIVISOR) * DIVISOR), max(DIVISOR, round(w * s / DIVISOR) * DIVISOR)
+
+
 def letterbox(image: np.ndarray, size) -> tuple[torch.Tensor, float]:
     """uint8 HxWx3 -> float [3, h, w] 0..255 fitted into `size` (aspect kept), padded to multiples of 32; scale.
     Resampling and padding match the training crops (plain bilinear, grey fill)."""
@@ -72,19 +85,24 @@ def is_fcos(model) -> bool:
 
 
 @torch.no_grad()
-def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05) -> list[dict]:
-    """Detections for a float batch [N, 3, H, W] (0..255, already at the model's size), in its pixels."""
+def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05, nms_thresh: float | None = None) -> list[dict]:
+    """Detections for a float batch [N, 3, H, W] (0..255, already at the model's size), in its pixels, on the
+    CPU. FCOS runs its class-wise NMS at `nms_thresh` (default: the model file's)."""
     from ocula.models.detection.fcos import postprocess
 
     model.eval()
+    x = x.to(device_of(model))
     if is_fcos(model):
         boxes, scores = model(x)
-        return postprocess(boxes, scores, score_thresh=score_thresh, nms_thresh=nms_threshold(model))
-    model.roi_heads.score_thresh = score_thresh
-    info = getattr(model, "info", None)
-    if info and "nms_thresh" in info.preprocess:
-        model.roi_heads.nms_thresh = info.preprocess["nms_thresh"]
-    return model(list(x / 255.0))
+        dets = postprocess(boxes.float(), scores.float(), score_thresh=score_thresh,
+                           nms_thresh=nms_threshold(model) if nms_thresh is None else nms_thresh)
+    else:
+        model.roi_heads.score_thresh = score_thresh
+        info = getattr(model, "info", None)
+        if info and "nms_thresh" in info.preprocess:
+            model.roi_heads.nms_thresh = info.preprocess["nms_thresh"]
+        dets = model(list(x / 255.0))
+    return [{k: v.cpu() for k, v in d.items()} for d in dets]
 
 
 def greedy_match(overlap: np.ndarray, iou: float = 0.5) -> np.ndarray:
@@ -131,32 +149,60 @@ def nms_threshold(model) -> float:
 
 
 def tune_nms(model, data, candidates=(0.4, 0.45, 0.5, 0.55, 0.6)) -> dict[float, float]:
-    """Pick the class-wise NMS IoU threshold by mAP@.5 on `data` (a validation split: overlapping RBCs make it
-    matter) and record it in the model's preprocessing; returns {threshold: mAP@.5}."""
+    """Pick FCOS's class-wise NMS IoU threshold by mAP@.5 on `data` (a validation split: overlapping RBCs make it
+    matter) and record it in the model's preprocessing; returns {threshold: mAP@.5}. The network runs once: only
+    the NMS is repeated per threshold."""
     images, targets = zip(*(data[i] for i in range(len(data))))
-    scores = {}
-    for t in candidates:
-        model.info.preprocess["nms_thresh"] = t
-        scores[t] = coco_evaluate(list(targets), detect_images(model, list(images)), data.classes)["map50"]
+    outputs = _network_outputs(model, list(images))
+    scores = {t: coco_evaluate(list(targets), _to_image_pixels(outputs, list(images), nms_thresh=t),
+                               data.classes)["map50"] for t in candidates}
     model.info.preprocess["nms_thresh"] = max(scores, key=scores.get)
     return scores
 
 
-def detect_images(model, images: list[np.ndarray], *, size=None, score_thresh: float = 0.05,
-                  batch_size: int = 8) -> list[dict]:
-    """Per image {boxes (image pixels), scores, labels} as numpy arrays."""
-    size = size or model.info.preprocess["input_size"]
-    results = []
+def _batches(images: list[np.ndarray], size, batch_size: int):
+    """Letterboxed batches [B, 3, H, W] with their scales; images of other sizes pad with the same grey as the
+    letterbox, so a result never depends on an image's batch mates."""
     for i in range(0, len(images), batch_size):
         chunk = [letterbox(im, size) for im in images[i:i + batch_size]]
         h = max(x.shape[1] for x, _ in chunk)
         w = max(x.shape[2] for x, _ in chunk)
-        x = torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t, _ in chunk])
-        for (_, s), im, d in zip(chunk, images[i:i + batch_size], detect_tensor(model, x, score_thresh=score_thresh)):
-            boxes = (d["boxes"] / s).numpy()
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, im.shape[1])
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, im.shape[0])
-            results.append({"boxes": boxes, "scores": d["scores"].numpy(), "labels": d["labels"].numpy()})
+        yield torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1]), value=PAD_VALUE) for t, _ in chunk]), \
+            [s for _, s in chunk]
+
+
+def _network_outputs(model, images: list[np.ndarray], batch_size: int = 8) -> list[tuple]:
+    """FCOS's decoded cells (boxes [P, 4], scores [P, C]) and letterbox scale per image, before NMS, on the CPU."""
+    out = []
+    with torch.no_grad():
+        for x, scales in _batches(images, model.info.preprocess["input_size"], batch_size):
+            boxes, scores = model.eval()(x.to(device_of(model)))
+            out += [(b.float().cpu(), c.float().cpu(), s) for b, c, s in zip(boxes, scores, scales)]
+    return out
+
+
+def _in_image(d: dict, scale: float, image: np.ndarray) -> dict:
+    """Boxes from the letterboxed input back to the image's own pixels, clipped to it; numpy arrays."""
+    boxes = (d["boxes"] / scale).numpy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, image.shape[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, image.shape[0])
+    return {"boxes": boxes, "scores": d["scores"].numpy(), "labels": d["labels"].numpy()}
+
+
+def _to_image_pixels(outputs, images, *, score_thresh: float = 0.05, nms_thresh: float = NMS_THRESH) -> list[dict]:
+    from ocula.models.detection.fcos import postprocess
+
+    return [_in_image(postprocess(b[None], c[None], score_thresh=score_thresh, nms_thresh=nms_thresh)[0], s, im)
+            for (b, c, s), im in zip(outputs, images)]
+
+
+def detect_images(model, images: list[np.ndarray], *, score_thresh: float = 0.05, batch_size: int = 8) -> list[dict]:
+    """Per image {boxes (image pixels), scores, labels} as numpy arrays."""
+    results = []
+    for start, (x, scales) in zip(range(0, len(images), batch_size),
+                                  _batches(images, model.info.preprocess["input_size"], batch_size)):
+        dets = detect_tensor(model, x, score_thresh=score_thresh)
+        results += [_in_image(d, s, im) for d, s, im in zip(dets, scales, images[start:start + batch_size])]
     return results
 
 
@@ -221,9 +267,12 @@ def plot_pr_curves(result: dict, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def evaluate(model, data, *, size=None) -> dict:
+def evaluate(model, data, out_dir: Path | None = None) -> dict:
+    """COCO mAP, mAP@.5 and AP@.5 per class; with `out_dir`, also eval.json, PR curves and drawn predictions."""
+    if out_dir is not None:
+        return write_evaluation(model, data, out_dir)
     images, targets = zip(*(data[i] for i in range(len(data))))
-    return coco_evaluate(list(targets), detect_images(model, list(images), size=size), data.classes)
+    return coco_evaluate(list(targets), detect_images(model, list(images)), data.classes)
 
 
 def summary_of(result: dict) -> dict:
@@ -260,12 +309,15 @@ def ignored_classes(targets: list[dict], num_classes: int, common: float = 0.9) 
 
 
 class DetectionBatches:
-    """`steps` random batches of augmented crops per epoch, drawn from images held in memory."""
+    """`steps` random batches of augmented crops per epoch, drawn from images held in memory. With
+    `ignore_missing`, classes an image lacks but nearly all images show count as unlabelled (`ignored_classes`)."""
 
-    def __init__(self, data, *, batch_size: int, steps: int, size=INPUT_SIZE, scale=(0.6, 1.0)):
+    def __init__(self, data, *, batch_size: int, steps: int, size, ignore_missing: bool = False,
+                 scale=(0.6, 1.0)):
         self.images = [torch.from_numpy(np.array(data[i][0])).permute(2, 0, 1) for i in range(len(data))]
         self.targets = [data.target(i) for i in range(len(data))]
-        self.ignore = ignored_classes(self.targets, len(data.classes))
+        self.ignore = ignored_classes(self.targets, len(data.classes)) if ignore_missing else \
+            torch.zeros(len(data), len(data.classes), dtype=torch.bool)
         self.batch_size, self.steps, self.size, self.scale = batch_size, steps, tuple(size), scale
 
     def __len__(self) -> int:
@@ -283,66 +335,6 @@ class DetectionBatches:
             yield colour_jitter(torch.stack(xs), g), ys
 
 
-class TimeBudget(Callback):
-    """Learning rate = linear warm-up then cosine to `final` x peak over `seconds` of wall clock; stop at the end."""
-
-    def __init__(self, seconds: float, *, warmup: float = 0.03, final: float = 0.02):
-        self.seconds, self.warmup, self.final = seconds, warmup, final
-        self.start = None
-
-    def begin(self, trainer) -> None:
-        self.start, self.peak = time.perf_counter(), trainer.config.lr
-        self._set(trainer, 0.0)
-
-    def _set(self, trainer, t: float) -> None:
-        if t < self.warmup:
-            f = 0.05 + 0.95 * t / self.warmup
-        else:
-            f = self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * (t - self.warmup) / (1 - self.warmup)))
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = self.peak * f
-
-    def on_batch_end(self, trainer, loss):
-        t = (time.perf_counter() - self.start) / self.seconds
-        if t >= 1:
-            trainer.stop(f"time budget of {self.seconds / 60:.1f} minutes reached")
-        self._set(trainer, min(t, 1.0))
-
-
-class EMA(Callback):
-    """Exponential moving average of the weights (and BN statistics); the average is what gets evaluated and kept.
-    The decay ramps up from 0 so the early, fast-changing weights are not averaged in for long."""
-
-    def __init__(self, model, *, decay: float = 0.998, ramp: float = 300):
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay, self.ramp, self.updates = decay, ramp, 0
-
-    @torch.no_grad()
-    def on_batch_end(self, trainer, loss):
-        self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
-        for e, m in zip(self.module.state_dict().values(), trainer.model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(m.detach(), alpha=1 - d)
-            else:
-                e.copy_(m)
-
-
-class BestEMA(Callback):
-    """Save the EMA weights as `best.ocula` whenever the monitored validation metric improves."""
-
-    def __init__(self, ema: EMA, path: Path, monitor: str):
-        self.ema, self.path, self.monitor, self.best = ema, Path(path), monitor, -math.inf
-
-    def on_epoch_end(self, trainer, logs):
-        if logs.get(self.monitor, -math.inf) > self.best:
-            self.best = logs[self.monitor]
-            trainer.info.metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
-            save_model(self.path, self.ema.module, trainer.info)
-
-
 def detector_loss(model, x, targets):
     """Sum of the detector's training losses (FCOS: focal + GIoU + centerness; Faster R-CNN: RPN + box head)."""
     if is_fcos(model):
@@ -354,9 +346,9 @@ def detector_loss(model, x, targets):
     return sum(losses.values())
 
 
-def model_info(model_name: str, classes, args: dict, dataset: str) -> ModelInfo:
+def model_info(model_name: str, classes, args: dict, dataset: str, input_size) -> ModelInfo:
     return ModelInfo(task="detect", arch=PRESETS[model_name]["arch"], args=args, classes=list(classes),
-                     preprocess={"input_size": list(INPUT_SIZE), "channels": 3, "value_max": 255.0,
+                     preprocess={"input_size": list(input_size), "channels": 3, "value_max": 255.0,
                                  "score_thresh": SCORE_THRESH, "dataset": dataset})
 
 
@@ -371,7 +363,8 @@ def default_config(model_name: str, **overrides) -> TrainConfig:
 
 def build_detector(model_name: str, num_classes: int, arch_args: dict | None = None,
                    backbone_weights: Path | None = None):
-    """A fresh detector and its recorded arguments; optionally with a torchvision ImageNet backbone checkpoint."""
+    """A fresh detector and its recorded arguments; optionally with a torchvision ImageNet backbone checkpoint,
+    whose batch norm is then frozen (its statistics are better than any a batch of 4 could estimate)."""
     args = {**(arch_args or PRESETS[model_name]["args"]), "num_classes": num_classes}
     if backbone_weights:
         if model_name != "faster-rcnn":
@@ -380,155 +373,173 @@ def build_detector(model_name: str, num_classes: int, arch_args: dict | None = N
     model = build(PRESETS[model_name]["arch"], **args)
     if backbone_weights:
         from ocula.models.backbones import load_weights
+        from ocula.models.backbones.norms import freeze_batch_norm
 
         load_weights(model.backbone.body, backbone_weights, skip_head=True)
+        freeze_batch_norm(model.backbone.body)
     return model, args
 
 
-def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Path, minutes: float,
-        steps_per_epoch: int = 50, progress: bool = True, arch_args: dict | None = None, dataset: str = "",
+def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Path, minutes: float | None,
+        steps_per_epoch: int = 50, input_size=(512, 512), ignore_missing: bool = False, progress: bool = True,
+        resume: bool = False, arch_args: dict | None = None, dataset: str = "",
         backbone_weights: Path | None = None):
-    """Train for `minutes` of wall clock (or config.epochs epochs of `steps_per_epoch` batches, whichever ends
-    first); returns the EMA model of the best validation epoch (or the last one without validation).
-    `backbone_weights`: a torchvision ImageNet checkpoint for Faster R-CNN's backbone (its batch norm is then used)."""
-    torch.manual_seed(config.seed)
-    model, args = build_detector(model_name, len(train_set.classes), arch_args, backbone_weights)
-    info = model_info(model_name, train_set.classes, args, dataset)
-    batches = DetectionBatches(train_set, batch_size=config.batch_size, steps=steps_per_epoch)
+    """Train for `minutes` of wall clock or config.epochs epochs of `steps_per_epoch` batches, whichever ends first
+    (minutes=None: the steps alone, exactly repeatable); returns (the EMA model of the best validation epoch, or
+    the last one without validation, history)."""
+    from ocula.engine.device import runtime
+
+    with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
+        model, args = build_detector(model_name, len(train_set.classes), arch_args, backbone_weights)
+    info = model_info(model_name, train_set.classes, args, dataset, input_size)
+    batches = DetectionBatches(train_set, batch_size=config.batch_size, steps=steps_per_epoch, size=input_size,
+                               ignore_missing=ignore_missing)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model)
-    budget = TimeBudget(minutes * 60)
+    ema.module.info = info
     evaluate_fn = None
     if val_set is not None:
         val_images, val_targets = zip(*(val_set[i] for i in range(len(val_set))))
 
         def evaluate_fn(_):
-            dets = detect_images(ema.module, list(val_images), size=INPUT_SIZE)
-            return summary_of(coco_evaluate(list(val_targets), dets, val_set.classes))
+            return summary_of(coco_evaluate(list(val_targets), detect_images(ema.module, list(val_images)),
+                                            val_set.classes))
 
-    callbacks = [TerminateOnNaN(), budget, ema, BestEMA(ema, run_dir / "best.ocula", config.monitor),
+    budget = LearningRateBudget(seconds=minutes * 60 if minutes else None, steps=config.epochs * steps_per_epoch)
+    callbacks = [TerminateOnNaN(), budget, ema, ModelCheckpoint(run_dir / "best.ocula", config.monitor, "max", ema),
                  CSVLogger(run_dir / "metrics.csv")]
     trainer = Trainer(model, config, loss_fn=detector_loss, train_batches=batches, evaluate_fn=evaluate_fn,
                       info=info, run_dir=run_dir, callbacks=callbacks, progress=progress)
-    budget.begin(trainer)
-    history = trainer.fit()
+    history = trainer.fit(resume=resume)
     best = run_dir / "best.ocula"
     if val_set is not None and best.is_file():
         from ocula.modelfile import load_model
 
-        return load_model(best), history
-    ema.module.info = info
+        return load_model(best, device=config.device), history
     return ema.module, history
 
 
-def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, minutes: float = 40.0,
-          data_dir=None, steps_per_epoch: int | None = None, progress: bool = True,
-          backbone_weights: Path | None = None) -> dict:
-    """Train on the dataset's train split, select on val, evaluate once on test; fill the run folder."""
-    from ocula.data import registry
+def load_data(data: str, split: str, data_dir=None):
+    from ocula.data.layout import open_dataset
 
+    return open_dataset(data, split, data_dir)
+
+
+def _train_val_test(data: str, data_dir, val_fraction: float, seed: int):
+    """The dataset's own train / val / test splits; a folder without them is split into train and a seeded
+    `val_fraction` hold-out (no test)."""
+    from ocula.data.layout import splits
+
+    have = splits(data, data_dir)
+    if "train" in have:
+        train_set = load_data(data, "train", data_dir)
+        val_set = load_data(data, "val", data_dir) if "val" in have else None
+    else:
+        train_set, val_set = load_data(data, have[0], data_dir), None
+    if val_set is None and val_fraction > 0 and len(train_set) > 1:
+        order = np.random.default_rng(seed).permutation(len(train_set))
+        n_val = max(1, round(val_fraction * len(train_set)))
+        train_set, val_set = train_set.subset(np.sort(order[n_val:])), train_set.subset(np.sort(order[:n_val]))
+    return train_set, val_set, load_data(data, "test", data_dir) if "test" in have else None
+
+
+def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
+          progress: bool = True, minutes: float | None = 40.0, steps_per_epoch: int | None = None,
+          weights: str | None = None, input_size=None, ignore_missing: bool | None = None, val_fraction: float = 0.1):
+    """Train on the train split, select on val (tuning FCOS's NMS and the drawing threshold there), evaluate once
+    on test when the dataset has one. Returns (model, summary)."""
     run_dir = Path(run_dir)
+    setup = DATASETS.get(data, {})
     steps_per_epoch = steps_per_epoch or PRESETS[model_name]["steps_per_epoch"]
-    train_set, val_set, test_set = (registry.load(dataset, s, data_dir) for s in ("train", "val", "test"))
-    write_json(run_dir / "config.json", {"task": "detect", "dataset": dataset, "model": model_name,
-                                         "minutes": minutes, "steps_per_epoch": steps_per_epoch,
-                                         "input_size": list(INPUT_SIZE), "train": asdict(config)})
-    start = time.perf_counter()
+    train_set, val_set, test_set = _train_val_test(data, data_dir, val_fraction, config.seed)
+    input_size = tuple(input_size or setup.get("input_size") or default_input_size(train_set))
+    ignore_missing = setup.get("ignore_missing", False) if ignore_missing is None else ignore_missing
     model, history = fit(model_name, train_set, val_set, config, run_dir=run_dir, minutes=minutes,
-                         steps_per_epoch=steps_per_epoch, progress=progress, dataset=dataset,
-                         backbone_weights=backbone_weights)
-    nms_scores = tune_nms(model, val_set) if is_fcos(model) else {}  # Faster R-CNN keeps the paper's 0.5
-    val_f1 = tune_score_threshold(model, val_set)
-    seconds = time.perf_counter() - start
-    result = write_evaluation(model, test_set, run_dir, prefix="test-")
-    info = model.info
-    info.metrics = {**{f"val_{k}": v for k, v in info.metrics.items() if k.startswith("val_")},
-                    **{f"test_{k}": v for k, v in summary_of(result).items()}, "train_seconds": round(seconds, 1),
-                    "epochs": len(history)}
-    save_model(run_dir / "model.ocula", model, info)
-    summary = {"dataset": dataset, "model": model_name, **{f"test_{k}": round(v, 4)
-               for k, v in summary_of(result).items()}, "train_minutes": round(seconds / 60, 2),
-               "epochs": len(history), "nms_thresh": model.info.preprocess.get("nms_thresh"),
-               "score_thresh": model.info.preprocess["score_thresh"], "val_f1": round(val_f1, 4),
-               "val_map50_per_nms": nms_scores, "model_file": str(run_dir / "model.ocula")}
-    write_json(run_dir / "summary.json", summary)
-    return summary
+                         steps_per_epoch=steps_per_epoch, input_size=input_size, ignore_missing=ignore_missing,
+                         progress=progress, resume=resume, dataset=data,
+                         backbone_weights=Path(weights) if weights else None)
+    summary = {"epochs": len(history), "input_size": list(input_size)}
+    if val_set is not None:
+        summary["val_map50_per_nms"] = tune_nms(model, val_set) if is_fcos(model) else {}  # R-CNN keeps 0.5
+        summary["val_f1"] = round(tune_score_threshold(model, val_set), 4)
+    summary.update(nms_thresh=model.info.preprocess.get("nms_thresh"), score_thresh=model.info.preprocess["score_thresh"])
+    if test_set is not None:
+        result = write_evaluation(model, test_set, run_dir, prefix="test-")
+        summary.update({f"test_{k}": round(v, 4) for k, v in summary_of(result).items()})
+    model.info.metrics = {**{k: v for k, v in model.info.metrics.items() if k.startswith("val_")},
+                          **{k: v for k, v in summary.items() if k.startswith("test_")}}
+    return model, summary
 
 
 # --- prediction ----------------------------------------------------------------------------------------------
-def predict_file(model, path, out_dir: Path | None, *, score_thresh: float | None = None) -> dict:
-    """Detect cells in one image: drawn PNG (and the JSON result) in `out_dir`, and the count per class."""
-    from ocula.data.draw import draw_boxes
-    from ocula.data.images import read_image, save_png
+@dataclass
+class Detections:
+    """One image's answer: boxes (xyxy, image pixels), scores and labels of the detections above the threshold."""
 
-    path = Path(path)
-    image = read_image(path)
+    source: str
+    image: np.ndarray  # the RGB input, for drawing
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {c: int((self.labels == k).sum()) for k, c in enumerate(self.classes)}
+
+    def describe(self) -> str:
+        return f"{self.source}: " + ", ".join(f"{c} {n}" for c, n in self.counts.items())
+
+    def to_json(self) -> dict:
+        return {"file": self.source, "counts": self.counts,
+                "detections": [{"class": self.classes[int(lab)], "score": round(float(s), 4),
+                                "box": [round(float(v), 1) for v in b]}
+                               for b, s, lab in zip(self.boxes, self.scores, self.labels)]}
+
+    def save(self, out_dir: Path, stem: str) -> dict:
+        """STEM-boxes.png (the boxes drawn) and STEM-boxes.json in `out_dir`."""
+        from ocula.data.draw import draw_boxes
+        from ocula.data.images import save_png
+
+        image = save_png(draw_boxes(self.image, self.boxes, self.labels, self.scores, self.classes),
+                         Path(out_dir) / f"{stem}-boxes.png")
+        return {"image": str(image), "json": str(write_json(Path(out_dir) / f"{stem}-boxes.json", self.to_json()))}
+
+
+def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: int = 8,
+            score_thresh: float | None = None) -> list[Detections]:
+    """Detect objects in RGB images of any size; `score_thresh` overrides the model file's (tuned on val)."""
     thresh = model.info.preprocess.get("score_thresh", SCORE_THRESH) if score_thresh is None else score_thresh
-    d = detect_images(model, [image], score_thresh=thresh)[0]
-    classes = model.info.classes
-    counts = {c: int((d["labels"] == k).sum()) for k, c in enumerate(classes)}
-    result = {"file": str(path), "counts": counts,
-              "detections": [{"class": classes[int(lab)], "score": round(float(s), 4),
-                              "box": [round(float(v), 1) for v in b]}
-                             for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])]}
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        result["image"] = str(save_png(draw_boxes(image, d["boxes"], d["labels"], d["scores"], classes),
-                                       out_dir / f"{path.stem}-boxes.png"))
-        result["json"] = str(write_json(out_dir / f"{path.stem}-boxes.json", result))
-    return result
+    images = [im if im.ndim == 3 and im.shape[2] == 3 else np.repeat(im.reshape(*im.shape[:2], 1), 3, 2)
+              for im in images]
+    dets = detect_images(model, images, score_thresh=thresh, batch_size=batch_size)
+    return [Detections(src, im, d["boxes"], d["scores"], d["labels"], list(model.info.classes))
+            for src, im, d in zip(sources, images, dets)]
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------
-def export_onnx(model, path, *, opset: int = 17) -> Path:
-    """The FCOS detector with its decoding in the graph: input 'image' float [N, 3, H, W] 0..255 (H, W multiples
-    of 32, dynamic), outputs 'boxes' [N, P, 4] and 'scores' [N, P, C]. Class-wise NMS runs after ONNX Runtime
-    (`onnx_detect`, ocula's batched NMS), exactly as after torch."""
+def export(model, fmt: str, path: Path) -> str:
+    """FCOS with its decoding in the graph: input 'image' float [N, 3, H, W] 0..255 (H, W multiples of 32,
+    dynamic), outputs 'boxes' [N, P, 4] and 'scores' [N, P, C]; class-wise NMS runs after ONNX Runtime
+    (ocula's batched NMS), exactly as after torch. The check compares both outputs and the final detections."""
+    from ocula.export.onnx import check_parity, export_onnx, onnx_session, run_onnx
+    from ocula.models.detection.fcos import postprocess
+
+    if fmt != "onnx":
+        raise OculaError(f"detection models export to ONNX only, not {fmt}")
     if not is_fcos(model):
         raise OculaError(f"ONNX export supports the fcos detector; {model.info.arch} keeps data-dependent proposal "
                          "and NMS loops that are not exported")
-    model.eval()
+    out = export_onnx(model, path, outputs=("boxes", "scores"), dynamic_hw=True)
     h, w = model.info.preprocess["input_size"]
     x = torch.rand(1, 3, h, w) * 255
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with atomic_path(path) as tmp:
-        try:
-            torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=["boxes", "scores"],
-                              dynamic_axes={"image": axes, "boxes": {0: "batch", 1: "cells"},
-                                            "scores": {0: "batch", 1: "cells"}}, opset_version=opset, dynamo=False)
-        except Exception as e:  # the exporter's errors are long; keep the first line
-            raise OculaError(f"ONNX export failed: {str(e).strip().splitlines()[0]}", path) from None
-    return Path(path)
-
-
-def onnx_detect(session, x: torch.Tensor, *, score_thresh: float = 0.05,
-                nms_thresh: float = NMS_THRESH) -> list[dict]:
-    from ocula.models.detection.fcos import postprocess
-
-    boxes, scores = session.run(None, {"image": x.numpy()})
-    return postprocess(torch.from_numpy(boxes), torch.from_numpy(scores), score_thresh=score_thresh,
-                       nms_thresh=nms_thresh)
-
-
-def check_onnx_parity(model, path, x: torch.Tensor | None = None, *, score_thresh: float = 0.3) -> float:
-    """Largest box-corner difference (px) between torch and ONNX Runtime, over the decoded boxes of every cell
-    and over the detections; raises unless both give the same detections with the same labels."""
-    from ocula.export.onnx import onnx_session
-    from ocula.models.detection.fcos import postprocess
-
-    if x is None:
-        h, w = model.info.preprocess["input_size"]
-        x = torch.rand(1, 3, h, w) * 255
+    diff = check_parity(model, out, x)
+    settings = dict(score_thresh=0.3, nms_thresh=nms_threshold(model))
     with torch.no_grad():
-        boxes, scores = model.eval()(x)
-    ort_boxes, ort_scores = (torch.from_numpy(a) for a in onnx_session(path).run(None, {"image": x.numpy()}))
-    settings = dict(score_thresh=score_thresh, nms_thresh=nms_threshold(model))
-    ref, got = postprocess(boxes, scores, **settings), postprocess(ort_boxes, ort_scores, **settings)
-    worst = float((boxes - ort_boxes).abs().max())
+        ref = postprocess(*model(x), **settings)
+    got = postprocess(*(torch.from_numpy(a) for a in run_onnx(onnx_session(out), x)), **settings)
     for a, b in zip(ref, got):
-        if len(a["labels"]) != len(b["labels"]) or not torch.equal(a["labels"], b["labels"]):
-            raise OculaError("ONNX Runtime detections differ from torch", path)
-        if len(a["boxes"]):
-            worst = max(worst, float((a["boxes"] - b["boxes"]).abs().max()))
-    return worst
+        if not torch.equal(a["labels"], b["labels"]):
+            raise OculaError("ONNX Runtime detections differ from torch", out)
+    return f"{out} (ONNX Runtime vs torch: same detections, outputs within {diff:.2e}; NMS runs after ORT)"

@@ -1,5 +1,6 @@
-"""Segmentation end to end: random crops -> the engine's Trainer -> a run folder, and whole-image prediction to a
-mask, an overlay and a table of cells.
+"""Segmentation: the task protocol (see `ocula.tasks`). Random crops -> the engine's Trainer -> a run folder, and
+whole-image prediction to a mask, an overlay and a table of cells. (`ocula.tasks.segment` holds the losses,
+metrics and tiled inference this module builds on.)
 
 Training draws random `crop` x `crop` windows from images held in memory: every image yields crops in proportion
 to its area (a 128x128 patch one, a large smear dozens), half of them centred on a foreground pixel since white
@@ -10,8 +11,7 @@ with the same tiled inference that prediction uses, so val_dice is the number a 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,14 @@ from ocula.data.segmentation import PALETTE, MaskDataset, RandomCrops, folds, ov
 from ocula.engine.trainer import TrainConfig, Trainer
 from ocula.errors import OculaError
 from ocula.fileio import write_json
-from ocula.modelfile import ModelInfo, save_model
+from ocula.modelfile import ModelInfo
 from ocula.models import build
 from ocula.tasks.segment import (IGNORE_INDEX, CrossEntropyDiceLoss, SegmentationMeter, predict_tiled,
                                  probs_to_labels)
 
 MODELS = ("unet", "unet-seed")
+OPTIONS = dict(fold=None, n_folds=5, val_fraction=0.1, crop=None, augment=None, crops_per_epoch=None,
+               arch_args=None)
 # Peak learning rates: batch norm and residuals let 'unet' take a larger step than the plain seed.
 LEARNING_RATES = {"unet": 2e-3, "unet-seed": 3e-4}
 # Per dataset: training crop size, augmentation, and the smallest object prediction keeps. Zheng's cells are
@@ -139,17 +141,17 @@ def drop_small_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
     return np.where(small[components], 0, labels)
 
 
-def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25) -> torch.Tensor:
+def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
     """Probabilities [K, H, W] for an RGB uint8 image of any size, by seamless tiled inference."""
     x = torch.tensor(image).permute(2, 0, 1).float()  # a copy: decoded images are read-only arrays
-    return predict_tiled(model, x, tile=tile, overlap=overlap)
+    return predict_tiled(model, x, tile=tile, overlap=overlap, batch_size=batch_size)
 
 
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
-                   min_area: int = 0) -> np.ndarray:
+                   min_area: int = 0, batch_size: int = 8) -> np.ndarray:
     """Class labels [H, W] (0 = background) for an RGB uint8 image of any size, without foreground objects
     under `min_area` px."""
-    probs = predict_probs(model, image, tile=tile, overlap=overlap)
+    probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size)
     return drop_small_objects(probs_to_labels(probs[None], threshold=threshold)[0], min_area)
 
 
@@ -160,7 +162,7 @@ def tiling(info: ModelInfo) -> dict:
             "min_area": pre.get("min_area", 0)}
 
 
-def evaluate(model, pairs, **settings) -> dict:
+def score(model, pairs, **settings) -> dict:
     """Dice / IoU (global, per image, per class) of whole-image predictions (`predict_labels` settings) against
     the masks."""
     meter = SegmentationMeter(num_classes=max(2, model.num_classes), ignore_index=IGNORE_INDEX)
@@ -173,7 +175,7 @@ def write_evaluation(model, dataset: MaskDataset, out_dir: Path) -> dict:
     """Score whole-image predictions on `dataset` and write eval.json (global, per-class and per-image Dice /
     IoU, each image named) and predictions.png (truth and prediction overlays of the first images)."""
     pairs, settings = decode(dataset), tiling(model.info)
-    scores = evaluate(model, pairs, **settings)
+    scores = score(model, pairs, **settings)
     names = [image.name for image, _ in dataset.files]
     result = {"dataset": dataset.name, "images": len(pairs), "classes": list(model.info.classes),
               **{k: v for k, v in scores.items() if not k.endswith("per_image")},
@@ -200,27 +202,52 @@ def save_mask(labels: np.ndarray, path: Path, multiclass: bool) -> Path:
     return save_png(im, path)
 
 
-def predict_file(model, path: str | Path, out_dir: str | Path, *, pixel_size: float | None = None,
-                 min_area: int | None = None) -> dict:
-    """Segment one image file; write STEM-mask.png, STEM-overlay.png, STEM-cells.csv and STEM-cells.json.
-    `min_area` overrides the model file's smallest kept object."""
-    from ocula.data.images import read_image, save_png
+@dataclass
+class Segmentation:
+    """One image's answer: the class of every pixel (0 = background) and its cells, measured."""
+
+    source: str
+    image: np.ndarray  # the RGB input, for the overlay
+    mask: np.ndarray  # [H, W] class indices
+    cells: "Cells"  # noqa: F821 (ocula.tasks.cells, imported when predicting)
+    multiclass: bool
+
+    def describe(self) -> str:
+        return f"{self.source}: {self.cells.count} cells, {(self.mask > 0).mean():.1%} foreground"
+
+    def to_json(self) -> dict:
+        return {"file": self.source, "count": self.cells.count, "foreground": round(float((self.mask > 0).mean()), 5),
+                "pixel_size_um": self.cells.pixel_size, "cells": self.cells.rows}
+
+    def save(self, out_dir: Path, stem: str) -> dict:
+        """STEM-mask.png, STEM-overlay.png, STEM-cells.csv and STEM-cells.json in `out_dir`."""
+        from ocula.data.images import save_png
+
+        files = {kind: Path(out_dir) / f"{stem}-{kind}" for kind in ("mask.png", "overlay.png", "cells.csv",
+                                                                      "cells.json")}
+        save_mask(self.mask, files["mask.png"], self.multiclass)
+        save_png(overlay(self.image, self.mask), files["overlay.png"])
+        self.cells.write_csv(files["cells.csv"])
+        self.cells.write_json(files["cells.json"])
+        return {"mask": str(files["mask.png"]), "overlay": str(files["overlay.png"]),
+                "cells_csv": str(files["cells.csv"]), "cells_json": str(files["cells.json"])}
+
+
+def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: int = 8,
+            pixel_size: float | None = None, min_area: int | None = None) -> list[Segmentation]:
+    """Segment RGB images of any size by tiled inference (`batch_size` tiles at a time) and measure their cells.
+    `min_area` overrides the model file's smallest kept object; `pixel_size` (um per px) adds sizes in um."""
     from ocula.tasks.cells import find_cells
 
-    path, out_dir = Path(path), Path(out_dir)
-    image = read_image(path)
     settings = tiling(model.info) if min_area is None else {**tiling(model.info), "min_area": min_area}
-    labels = predict_labels(model, image, **settings)
     multiclass = model.info.preprocess["output"] == "multiclass"
-    files = {kind: out_dir / f"{path.stem}-{kind}" for kind in ("mask.png", "overlay.png", "cells.csv", "cells.json")}
-    save_mask(labels, files["mask.png"], multiclass)
-    save_png(overlay(image, labels), files["overlay.png"])
-    cells = find_cells(labels, image, multiclass=multiclass, pixel_size=pixel_size)
-    cells.write_csv(files["cells.csv"])
-    cells.write_json(files["cells.json"])
-    return {"file": str(path), "count": cells.count, "foreground": round(float((labels > 0).mean()), 5),
-            "mask": str(files["mask.png"]), "overlay": str(files["overlay.png"]),
-            "cells_csv": str(files["cells.csv"]), "cells_json": str(files["cells.json"])}
+    results = []
+    for image, source in zip(images, sources):
+        image = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
+        labels = predict_labels(model, image, **settings, batch_size=batch_size)
+        cells = find_cells(labels, image, multiclass=multiclass, pixel_size=pixel_size)
+        results.append(Segmentation(source, image, labels, cells, multiclass))
+    return results
 
 
 def plot_predictions(model, pairs, path: Path, *, limit: int = 8, title: str = "", **tiles) -> Path:
@@ -267,12 +294,14 @@ def fit(train_set: MaskDataset, model_name: str, config: TrainConfig, *, val_set
     last one otherwise."""
     if augment not in AUGMENTS:
         raise OculaError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    from ocula.engine.device import runtime
+
     if val_set is None and config.monitor.startswith("val_"):
         config = TrainConfig(**{**asdict(config), "monitor": "loss", "mode": "min"})
-    torch.manual_seed(config.seed)
     train = decode(train_set)
     args, info = model_info(train, model_name, crop=crop, dataset=train_set.name, arch_args=arch_args)
-    model = build(info.arch, **args)
+    with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
+        model = build(info.arch, **args)
     loss = CrossEntropyDiceLoss()  # BCE + Dice for one output channel, softmax CE + Dice for several
     batches = CropBatches(train, crop=crop, batch_size=config.batch_size, transform=AUGMENTS[augment](),
                           crops=crops_per_epoch)
@@ -281,7 +310,7 @@ def fit(train_set: MaskDataset, model_name: str, config: TrainConfig, *, val_set
         val = decode(val_set)
 
         def evaluate_fn(m):
-            scores = evaluate(m, val, **tiling(info))
+            scores = score(m, val, **tiling(info))
             return {"dice": scores["dice"], "image_dice": scores["mean_image_dice"], "iou": scores["iou"]}
 
     trainer = Trainer(model, config, loss_fn=lambda m, x, y: loss(m(x), y), train_batches=batches,
@@ -291,24 +320,17 @@ def fit(train_set: MaskDataset, model_name: str, config: TrainConfig, *, val_set
     if val_set is not None and best and best.is_file():
         from ocula.modelfile import load_model
 
-        model = load_model(best)
+        model = load_model(best, device=config.device)
         return model, model.info, history
     model.info = info
     return model, info, history
 
 
-def load_dataset(dataset: str, data_dir=None, split: str | None = None) -> MaskDataset:
-    """Split `split` (default: the training split) of a registered segmentation dataset, or of a folder of
-    images/ + masks/."""
-    from ocula.data import registry
-    from ocula.data.segmentation import load_mask_folder
+def load_data(data: str, split: str | None = None, data_dir=None) -> MaskDataset:
+    """Split `split` (default: the training split) of a registered segmentation dataset or a mask folder."""
+    from ocula.data.layout import open_dataset, splits
 
-    if Path(dataset).is_dir():
-        return load_mask_folder(dataset, split or "train")
-    info = registry.get_info(dataset)
-    if info.task != "segment":
-        raise OculaError(f"dataset {dataset!r} is for task {info.task!r}, not segmentation")
-    return registry.load(dataset, split or info.splits[0], data_dir)
+    return open_dataset(data, split or splits(data, data_dir)[0], data_dir)
 
 
 def split(data: MaskDataset, *, fold: int | None, n_folds: int = 5, val_fraction: float = 0.1, seed: int = 0):
@@ -328,37 +350,49 @@ def split(data: MaskDataset, *, fold: int | None, n_folds: int = 5, val_fraction
     return data.subset(train), data.subset(val)
 
 
-def train(dataset: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None,
-          fold: int | None = None, n_folds: int = 5, val_fraction: float = 0.1, crop: int | None = None,
-          augment: str | None = None, crops_per_epoch: int | None = None, arch_args: dict | None = None,
-          resume: bool = False, progress: bool = True) -> dict:
-    """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder) and fill run_dir:
-    config.json, metrics.csv, best/last/model.ocula, val_predictions.png, summary.json. `arch_args` override the
-    named U-Net's arguments (e.g. widths)."""
+def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
+          progress: bool = True, fold: int | None = None, n_folds: int = 5, val_fraction: float = 0.1,
+          crop: int | None = None, augment: str | None = None, crops_per_epoch: int | None = None,
+          arch_args: dict | None = None):
+    """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder), validating on
+    cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size and augmentation default
+    per dataset; `arch_args` override the named U-Net's arguments (e.g. widths). Returns (model, summary)."""
     run_dir = Path(run_dir)
-    data = load_dataset(dataset, data_dir)
-    setup = {**DATASETS.get(dataset, DEFAULT_SETUP)}
+    dataset = load_data(data, None, data_dir)
+    setup = {**DATASETS.get(data, DEFAULT_SETUP)}
     setup.update({k: v for k, v in (("crop", crop), ("augment", augment)) if v is not None})
-    train_set, val_set = split(data, fold=fold, n_folds=n_folds, val_fraction=val_fraction, seed=config.seed)
-    write_json(run_dir / "config.json", {
-        "task": "segment", "dataset": dataset, "model": model_name, "fold": fold, "n_folds": n_folds,
-        "val_fraction": val_fraction, **setup, "crops_per_epoch": crops_per_epoch, "arch_args": arch_args,
-        "train_images": len(train_set), "val_images": len(val_set) if val_set else 0, "train": asdict(config)})
-    start = time.perf_counter()
+    train_set, val_set = split(dataset, fold=fold, n_folds=n_folds, val_fraction=val_fraction, seed=config.seed)
     model, info, history = fit(train_set, model_name, config, val_set=val_set, crop=setup["crop"],
                                augment=setup["augment"], crops_per_epoch=crops_per_epoch, run_dir=run_dir,
                                resume=resume, progress=progress, arch_args=arch_args)
-    seconds = time.perf_counter() - start
-    summary = {"dataset": dataset, "model": model_name, "fold": fold, "epochs": len(history),
-               "train_seconds": round(seconds, 2)}
+    summary = {"fold": fold, "epochs": len(history), "train_images": len(train_set),
+               "val_images": len(val_set) if val_set else 0, **setup}
     if val_set is not None:
         pairs = decode(val_set)
-        scores = evaluate(model, pairs, **tiling(info))
+        scores = score(model, pairs, **tiling(info))
         summary.update(val_dice=scores["dice"], val_image_dice=scores["mean_image_dice"])
         plot_predictions(model, pairs, run_dir / "val_predictions.png", **tiling(info),
-                         title=f"{Path(dataset).name} {model_name}: val Dice {scores['dice']:.3f}")
-    info.metrics = {k: v for k, v in summary.items() if k.startswith("val_") or k == "train_seconds"}
-    save_model(run_dir / "model.ocula", model, info)
-    summary["model_file"] = str(run_dir / "model.ocula")
-    write_json(run_dir / "summary.json", summary)
-    return summary
+                         title=f"{Path(data).name} {model_name}: val Dice {scores['dice']:.3f}")
+    info.metrics = {k: v for k, v in summary.items() if k.startswith("val_")}
+    model.info = info
+    return model, summary
+
+
+def evaluate(model, data: MaskDataset, out_dir: Path | None = None) -> dict:
+    """Dice / IoU of whole-image predictions; with `out_dir`, also eval.json and predictions.png."""
+    if out_dir is not None:
+        return write_evaluation(model, data, out_dir)
+    return score(model, decode(data), **tiling(model.info))
+
+
+def export(model, fmt: str, path: Path) -> str:
+    """ONNX with dynamic batch, height and width, checked against torch at the traced size and another one."""
+    from ocula.export.onnx import check_parity, export_onnx
+
+    if fmt != "onnx":
+        raise OculaError(f"segmentation models export to ONNX only, not {fmt}")
+    out = export_onnx(model, path, dynamic_hw=True)
+    pre = model.info.preprocess
+    odd = torch.rand(1, pre["channels"], 300, 420) * pre["value_max"]
+    diff = max(check_parity(model, out), check_parity(model, out, odd))
+    return f"{out} (ONNX Runtime vs torch at two sizes: max abs difference {diff:.2e})"

@@ -1,0 +1,232 @@
+"""The Python face: `ocula.load` a model file or `ocula.train` one, then predict, evaluate and export through one
+object whatever the task. The CLI, the benchmarks and the server all go through here.
+
+    model = ocula.load("runs/classify/mnist-cnn/model.ocula", device="auto")
+    model.predict(["photo.jpg", array, pil_image])     # typed results, each with .to_json()
+    model.evaluate("mnist", split="test")              # metrics as a dict
+    model.export("onnx")                               # checked against torch
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import shutil
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from ocula.errors import OculaError
+from ocula.fileio import write_json
+
+
+class Model:
+    """A trained model, its metadata (`info`: task, classes, preprocessing, metrics) and the device it runs on.
+
+    `module` is the plain torch nn.Module; `path` the file it came from; after `ocula.train`, `run_dir` and
+    `summary` describe the run."""
+
+    def __init__(self, module, *, path: str | Path | None = None, run_dir: Path | None = None,
+                 summary: dict | None = None):
+        from ocula.tasks import get_task
+
+        self.module, self.path, self.run_dir, self.summary = module, path and Path(path), run_dir, summary or {}
+        self.task = get_task(module.info.task)
+
+    @property
+    def info(self):
+        return self.module.info
+
+    @property
+    def device(self):
+        from ocula.engine.device import device_of
+
+        return device_of(self.module)
+
+    def to(self, device: str = "auto") -> "Model":
+        from ocula.engine.device import resolve_device
+
+        self.module.to(resolve_device(device))
+        return self
+
+    def predict(self, inputs, *, batch_size: int | None = None, **options) -> list:
+        """Results for a path, a folder, a list of paths, a numpy HxW(xC) array, a PIL image or a tensor batch
+        [N, C, H, W] (pixel values), each prepared by the model's own recorded preprocessing."""
+        images, sources = read_inputs(inputs)
+        if batch_size is not None:
+            options["batch_size"] = batch_size
+        return _call(self.task.predict, f"{self.info.task} prediction", self.module, images, sources, **options)
+
+    def evaluate(self, data: str | Path | None = None, *, split: str | None = None, data_dir=None,
+                 out: str | Path | None = None) -> dict:
+        """Metrics on a split of a registered dataset or a folder (default: the dataset the model was trained on,
+        its test split, else its val split); with `out`, also eval.json and figures there."""
+        data = str(data or self.info.preprocess.get("dataset") or "")
+        if not data:
+            raise OculaError(f"{self.path or 'this model'} does not name the dataset it was trained on; pass one")
+        dataset = self.task.load_data(data, split or default_split(data, data_dir), data_dir)
+        return self.task.evaluate(self.module, dataset, Path(out) if out else None)
+
+    def export(self, format: str = "onnx", path: str | Path | None = None) -> str:
+        """Write the model as ONNX (checked against torch with ONNX Runtime) or CoreML; returns what was done."""
+        suffix = {"onnx": ".onnx", "coreml": ".mlpackage"}
+        if format not in suffix:
+            raise OculaError(f"unknown export format {format!r}; choose onnx or coreml")
+        if path is None and self.path is None:
+            raise OculaError("pass a path to export to (this model was not loaded from a file)")
+        module = self.module
+        if self.device.type != "cpu":  # exporters trace on the CPU
+            module = copy.deepcopy(module).cpu()
+            module.info = self.info
+        return self.task.export(module, format, Path(path or self.path.with_suffix(suffix[format])))
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"ocula.Model(task={i.task!r}, arch={i.arch!r}, classes={len(i.classes)}, device={self.device}, "
+                f"path={str(self.path) if self.path else None!r})")
+
+
+def load(path: str | Path, device: str = "auto") -> Model:
+    """Load a model file (`.ocula`) onto `device` ('auto' picks CUDA when present)."""
+    from ocula.modelfile import load_model
+
+    return Model(load_model(path, device=device), path=path)
+
+
+def train(data: str | Path | None = None, model: str | None = None, *, config: str | Path | None = None,
+          name: str | None = None, runs_dir: str | Path = "runs", resume: bool = False, overwrite: bool = False,
+          data_dir=None, progress: bool = True, **settings) -> Model:
+    """Train `model` (default: the task's first) on `data`, a registered dataset name or a folder whose layout
+    names the task; `settings` are training options (epochs, lr, batch_size, device, ...) and the task's own
+    (see `ocula.tasks.<task>.OPTIONS`). Writes runs/<task>/<name>/ and returns the trained Model.
+
+    `config` reruns a run from its config.json (explicit arguments win); `resume` continues the run in
+    runs/<task>/<name>/ from its last.ocula, optionally with other runtime settings (threads, device, compile)
+    or more epochs."""
+    from ocula.data.layout import resolve_task
+    from ocula.engine.trainer import RUNTIME, TrainConfig
+    from ocula.modelfile import save_model
+    from ocula.tasks import get_task
+
+    if config is not None:
+        saved = _read_config(Path(config))
+        data, model = data or saved["data"], model or saved["model"]
+        settings = {**saved["train"], **saved["options"], **settings}
+    if data is None:
+        raise OculaError("train needs a dataset name or folder (or a config)")
+    data = str(data)
+    task_name = resolve_task(data, data_dir)
+    task = get_task(task_name)
+    model = model or task.MODELS[0]
+    run_dir = Path(runs_dir) / task_name / (name or f"{Path(data).name}-{model}")
+    if resume:
+        settings = _resumed_settings(run_dir, data, model, settings, RUNTIME)
+    elif run_dir.exists():
+        if not overwrite:
+            raise OculaError("run folder exists; pass resume to continue it, overwrite to replace it, or a new "
+                             "name", run_dir)
+        shutil.rmtree(run_dir)
+    train_names = {f.name for f in fields(TrainConfig)}
+    unknown = set(settings) - train_names - set(task.OPTIONS)
+    if unknown:
+        raise OculaError(f"unknown option(s) for {task_name}: {', '.join(sorted(unknown))}; training options: "
+                         f"{', '.join(sorted(train_names))}; {task_name} options: {', '.join(task.OPTIONS)}")
+    train_config = task.default_config(model, **{k: v for k, v in settings.items() if k in train_names})
+    options = {**task.OPTIONS, **{k: v for k, v in settings.items() if k in task.OPTIONS}}
+    write_json(run_dir / "config.json", {"task": task_name, "data": data, "model": model,
+                                         "train": asdict(train_config), "options": options})
+    start = time.perf_counter()
+    module, summary = task.train(data, model, train_config, run_dir=run_dir, data_dir=data_dir, resume=resume,
+                                 progress=progress, **options)
+    seconds = round(time.perf_counter() - start, 2)
+    module.info.metrics["train_seconds"] = seconds
+    save_model(run_dir / "model.ocula", module, module.info)
+    summary = {"task": task_name, "data": data, "model": model, **summary, "train_seconds": seconds,
+               "model_file": str(run_dir / "model.ocula")}
+    write_json(run_dir / "summary.json", summary)
+    return Model(module, path=run_dir / "model.ocula", run_dir=run_dir, summary=summary)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return {k: saved[k] for k in ("task", "data", "model", "train", "options")}
+    except FileNotFoundError:
+        raise OculaError("run config not found", path) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise OculaError(f"not an ocula run config ({e})", path) from None
+
+
+def _resumed_settings(run_dir: Path, data: str, model: str, given: dict, runtime: tuple) -> dict:
+    """The run's recorded settings, with only the runtime ones (and more epochs) taken from `given`."""
+    saved = _read_config(run_dir / "config.json")
+    if (saved["data"], saved["model"]) != (data, model):
+        raise OculaError(f"this run trained {saved['model']} on {saved['data']}, not {model} on {data}", run_dir)
+    recorded = {**saved["train"], **saved["options"]}
+    changed = sorted(k for k, v in given.items() if k not in runtime and recorded.get(k) != v)
+    if changed:
+        raise OculaError(f"a resumed run keeps its settings; {', '.join(changed)} differ (only "
+                         f"{', '.join(runtime)} may change)", run_dir)
+    return {**recorded, **given}
+
+
+def default_split(data: str, data_dir=None) -> str:
+    """The split to score a model on: test, else val, when it has labels (SigTuple's test smears have no masks)."""
+    from ocula.data.layout import open_dataset, splits
+
+    have = splits(data, data_dir)
+    for split in ("test", "val"):
+        if split in have and getattr(open_dataset(data, split, data_dir), "has_masks", True):
+            return split
+    raise OculaError(f"{data} has no labelled test or val split; choose one of its splits: {', '.join(have)}")
+
+
+def _call(fn, what: str, *args, **options):
+    """Call a task function, turning an unknown option into a one-line error that lists the known ones."""
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        known = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
+        raise OculaError(f"unknown option(s) for {what}: {', '.join(unknown)}; known: {', '.join(known)}")
+    return fn(*args, **options)
+
+
+def read_inputs(inputs) -> tuple[list[np.ndarray], list[str]]:
+    """Images (uint8 or float arrays HxW or HxWxC) and their sources from any of the inputs `Model.predict` takes."""
+    from PIL import Image
+
+    from ocula.data.images import list_images, read_image, to_mode
+
+    if isinstance(inputs, (str, Path)):
+        path = Path(inputs)
+        if path.is_dir():
+            files = list_images(path)
+            if not files:
+                raise OculaError("no images in folder", path)
+            return [read_image(f) for f in files], [str(f) for f in files]
+        return [read_image(path)], [str(path)]
+    if isinstance(inputs, Image.Image):
+        return [np.asarray(to_mode(inputs, "RGB"))], ["<PIL image>"]
+    if isinstance(inputs, np.ndarray):
+        if inputs.ndim in (2, 3):
+            return [inputs], ["<array>"]
+        if inputs.ndim == 4:
+            return list(inputs), [f"<array {i}>" for i in range(len(inputs))]
+        raise OculaError(f"an image array is HxW, HxWxC or NxHxWxC, not {inputs.ndim}-dimensional")
+    if type(inputs).__module__.startswith("torch"):
+        x = inputs.detach().cpu()
+        x = x[None] if x.dim() == 3 else x
+        if x.dim() != 4:
+            raise OculaError(f"an image tensor is [C, H, W] or [N, C, H, W], not {tuple(x.shape)}")
+        return [a for a in x.permute(0, 2, 3, 1).numpy()], [f"<tensor {i}>" for i in range(len(x))]
+    if isinstance(inputs, (list, tuple)):
+        images, sources = [], []
+        for item in inputs:
+            i, s = read_inputs(item)
+            images += i
+            sources += s
+        return images, sources
+    raise OculaError(f"cannot predict on a {type(inputs).__name__}; pass paths, arrays, PIL images or tensors")

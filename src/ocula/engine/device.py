@@ -1,0 +1,85 @@
+"""Devices, mixed precision, threads and seeds: chosen once, applied in one place, restored afterwards.
+
+Library calls never leave global state changed behind them: `runtime` sets torch's thread count and seeds its
+RNGs for the length of a call (a fork of the RNG state), then puts both back as they were.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from ocula.errors import OculaError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; 'cpu', 'cuda', 'cuda:N' and 'mps' are checked to exist."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OculaError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OculaError(f"device {device!r} asked for, but this machine has no CUDA GPU (torch "
+                         f"{torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OculaError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OculaError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return dev
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live (the exact SVC has buffers only)."""
+    tensor = next(module.parameters(), None)
+    return (tensor if tensor is not None else next(module.buffers())).device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The mixed-precision type of a device: bfloat16 on CPUs and on GPUs that have it, float16 elsewhere."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed-precision autocast for `device` (a no-op when not enabled)."""
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if enabled else nullcontext()
+
+
+def grad_scaler(device: torch.device, enabled: bool):
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 need none."""
+    needed = enabled and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=needed)
+
+
+def to_device(obj, device: torch.device):
+    """Tensors, and tensors inside dicts, lists and tuples (detection targets), moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+@contextmanager
+def runtime(*, seed: int | None = None, threads: int = 0, device: torch.device | None = None):
+    """Seed torch's RNGs and set its thread count inside the block; restore both afterwards."""
+    old_threads = torch.get_num_threads()
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old_threads)
