@@ -15,28 +15,10 @@ from ocula.models import build
 from ocula.models.detection.fcos import FCOSLoss
 from ocula.tasks import detect
 
-CLASSES = ["WBC", "RBC", "Platelets"]
-SIZE = (128, 160)
-COLOURS = np.array([[40, 40, 220], [220, 40, 40], [40, 200, 40]], np.uint8)
+import synthetic
 
-
-def synthetic(seed: int):
-    """A dark image with a few solid squares: one big (class 0), some middle (1) and small (2) ones."""
-    rng = np.random.default_rng(seed)
-    image = np.full((*SIZE, 3), 20, np.uint8)
-    boxes, labels = [], []
-    for label, side, n in ((0, 48, 1), (1, 28, 3), (2, 10, 2)):
-        for _ in range(n):
-            for _ in range(100):  # rejection-sample a spot that overlaps nothing placed so far
-                x, y = rng.integers(2, SIZE[1] - side - 2), rng.integers(2, SIZE[0] - side - 2)
-                box = [x, y, x + side, y + side]
-                if all(box[2] + 2 < b[0] or b[2] + 2 < box[0] or box[3] + 2 < b[1] or b[3] + 2 < box[1]
-                       for b in boxes):
-                    break
-            boxes.append(box)
-            labels.append(label)
-            image[y:y + side, x:x + side] = COLOURS[label]
-    return image, {"boxes": np.array(boxes, np.float32), "labels": np.array(labels, np.int64)}
+CLASSES, SIZE, COLOURS = synthetic.BOX_CLASSES, synthetic.BOX_SIZE, synthetic.COLOURS
+synthetic = synthetic.box_image
 
 
 def box_colours(image: torch.Tensor, boxes: torch.Tensor) -> np.ndarray:
@@ -106,8 +88,7 @@ def trained():
         loss.backward()
         opt.step()
     model.eval()
-    model.info = detect.model_info("fcos", CLASSES, args, "synthetic")
-    model.info.preprocess["input_size"] = list(SIZE)
+    model.info = detect.model_info("fcos", CLASSES, args, "synthetic", SIZE)
     return model, pairs
 
 
@@ -125,13 +106,39 @@ def test_tiny_detector_overfits_two_images(trained):
 
 
 def test_onnx_detections_match_torch(trained, tmp_path):
-    pytest.importorskip("onnxruntime")
+    from ocula.export.onnx import check_parity, onnx_session, run_onnx
+    from ocula.models.detection.fcos import postprocess
+
     model, pairs = trained
-    path = detect.export_onnx(model, tmp_path / "tiny.onnx")
+    assert "same detections" in detect.export(model, "onnx", tmp_path / "tiny.onnx")
     x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() for im, _ in pairs])
-    assert detect.check_onnx_parity(model, path, x) < 1.0
     bigger = torch.nn.functional.interpolate(x, size=(192, 256), mode="bilinear")  # dynamic height and width
-    assert detect.check_onnx_parity(model, path, bigger) < 1.0
+    for batch in (x, bigger):
+        assert check_parity(model, tmp_path / "tiny.onnx", batch) < 1.0
+        with torch.no_grad():
+            want = postprocess(*model(batch), score_thresh=0.3)
+        got = postprocess(*map(torch.from_numpy, run_onnx(onnx_session(tmp_path / "tiny.onnx"), batch)),
+                          score_thresh=0.3)
+        assert [d["labels"].tolist() for d in got] == [d["labels"].tolist() for d in want]
+
+
+def test_batch_mates_do_not_change_an_images_detections(trained):
+    model, pairs = trained
+    wide = np.ascontiguousarray(pairs[0][0][:64])  # another aspect: padded below, unlike its batch mate
+    alone = detect.detect_images(model, [wide])[0]
+    together = detect.detect_images(model, [wide, pairs[1][0]])[0]
+    assert len(alone["labels"]) and np.array_equal(alone["labels"], together["labels"])
+    np.testing.assert_allclose(alone["boxes"], together["boxes"], atol=1e-3)
+
+
+def test_nms_tuning_runs_the_network_once(trained, monkeypatch):
+    model, pairs = trained
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, x: calls.append(1) or forward(self, x))
+    data = type("Pairs", (), {"__len__": lambda s: 2, "__getitem__": lambda s, i: pairs[i], "classes": CLASSES})()
+    scores = detect.tune_nms(model, data)
+    assert len(calls) == 1 and model.info.preprocess["nms_thresh"] == max(scores, key=scores.get)
 
 
 def test_cli_predict_draws_writes_json_and_counts(trained, tmp_path, capsys):
@@ -160,23 +167,35 @@ def test_usual_classes_missing_from_an_image_are_ignored():
     assert not ignore[:9].any()  # the rare class 2 is never ignored
 
 
-def test_time_budget_schedules_the_rate_and_stops():
-    import time
+@pytest.mark.parametrize("kind", ["seconds", "steps"])
+def test_budget_schedules_the_rate_and_stops(kind, monkeypatch):
     from types import SimpleNamespace
 
+    from ocula.engine import callbacks
+
+    clock = [100.0]  # a fake wall clock, advanced by hand
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
     param = torch.nn.Parameter(torch.zeros(1))
     stopped = []
     trainer = SimpleNamespace(optimizer=torch.optim.SGD([param], lr=1.0), config=SimpleNamespace(lr=1.0),
                               stop=stopped.append)
-    budget = detect.TimeBudget(0.2)
-    budget.begin(trainer)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # warm-up starts low
-    time.sleep(0.1)
-    budget.on_batch_end(trainer, 1.0)
-    assert 0.3 < trainer.optimizer.param_groups[0]["lr"] < 1.0 and not stopped  # past the peak, cosine decay
-    time.sleep(0.12)
-    budget.on_batch_end(trainer, 1.0)
-    assert stopped and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    budget = callbacks.LearningRateBudget(**{kind: 10})
+    budget.on_train_begin(trainer)
+    lr = lambda: trainer.optimizer.param_groups[0]["lr"]  # noqa: E731
+    assert lr() == pytest.approx(0.05)  # warm-up starts low
+    for _ in range(5):
+        clock[0] += 1.0
+        budget.on_batch_end(trainer, 1.0)
+    assert lr() == pytest.approx(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * 0.47 / 0.97))) and not stopped  # cosine
+    state = budget.state_dict()
+    for _ in range(5):
+        clock[0] += 1.0
+        budget.on_batch_end(trainer, 1.0)
+    assert stopped and lr() == pytest.approx(0.02)
+    resumed = callbacks.LearningRateBudget(**{kind: 10})  # a resumed run continues where the budget stood
+    resumed.load_state_dict(state)
+    resumed.on_train_begin(trainer)
+    assert 0.3 < lr() < 1.0
 
 
 def test_faster_rcnn_takes_a_torchvision_backbone_checkpoint(tmp_path):
@@ -188,6 +207,11 @@ def test_faster_rcnn_takes_a_torchvision_backbone_checkpoint(tmp_path):
     model, args = build_detector("faster-rcnn", 3, backbone_weights=tmp_path / "resnet18.pth")
     assert args["norm_layer"] == "batch"
     assert torch.equal(model.backbone.body.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
+    # Fine-tuning at batch size 4 keeps the checkpoint's batch-norm statistics (frozen, as torchvision does).
+    bn = model.backbone.body.layer1[0].bn1
+    before = bn.running_mean.clone()
+    model.backbone.body.train()(torch.rand(2, 3, 64, 64))
+    assert torch.equal(bn.running_mean, before) and not any(p.requires_grad for p in bn.parameters())
     with pytest.raises(OculaError, match="faster-rcnn"):
         build_detector("fcos", 3, backbone_weights=tmp_path / "resnet18.pth")
 

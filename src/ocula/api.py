@@ -62,12 +62,14 @@ class Model:
 
     def evaluate(self, data: str | Path | None = None, *, split: str | None = None, data_dir=None,
                  out: str | Path | None = None) -> dict:
-        """Metrics on a split of a registered dataset or a folder (default: the dataset the model was trained on,
-        its test split, else its val split); with `out`, also eval.json and figures there."""
+        """Metrics on a split of a registered dataset or a folder (default: the dataset the model was trained on).
+        The split defaults to test, else val, else the only split of a folder given here. With `out`, also
+        eval.json and figures there."""
+        given = data is not None
         data = str(data or self.info.preprocess.get("dataset") or "")
         if not data:
             raise OculaError(f"{self.path or 'this model'} does not name the dataset it was trained on; pass one")
-        dataset = self.task.load_data(data, split or default_split(data, data_dir), data_dir)
+        dataset = self.task.load_data(data, split or default_split(data, data_dir, only=given), data_dir)
         return self.task.evaluate(self.module, dataset, Path(out) if out else None)
 
     def export(self, format: str = "onnx", path: str | Path | None = None) -> str:
@@ -173,14 +175,17 @@ def _resumed_settings(run_dir: Path, data: str, model: str, given: dict, runtime
     return {**recorded, **given}
 
 
-def default_split(data: str, data_dir=None) -> str:
-    """The split to score a model on: test, else val, when it has labels (SigTuple's test smears have no masks)."""
+def default_split(data: str, data_dir=None, only: bool = False) -> str:
+    """The split to score a model on: test, else val, when it has labels (SigTuple's test smears have no masks);
+    with `only`, a dataset's single split (a folder of images kept for evaluation)."""
     from ocula.data.layout import open_dataset, splits
 
     have = splits(data, data_dir)
     for split in ("test", "val"):
         if split in have and getattr(open_dataset(data, split, data_dir), "has_masks", True):
             return split
+    if only and len(have) == 1:
+        return have[0]
     raise OculaError(f"{data} has no labelled test or val split; choose one of its splits: {', '.join(have)}")
 
 

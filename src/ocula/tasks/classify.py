@@ -21,7 +21,7 @@ from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", *list_backbones())
-OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0)
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths; benchmarks pass narrower ones for MNIST speed
@@ -241,9 +241,11 @@ def load_data(data: str, split: str, data_dir=None, size=None) -> ImageSet:
 
 
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
-          progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0):
+          progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
+          widths: list[int] | None = None):
     """Fit on the train split, select on val (the dataset's own, else a stratified `val_fraction` of train), and
-    score the test split once when there is one. Returns (model with .info, summary)."""
+    score the test split once when there is one. `widths`: the cnn's stage widths. Returns (model with .info,
+    summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
@@ -253,7 +255,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     else:
         fit_set, val_set = ((train_set, load_data(data, "val", data_dir, train_set.images.shape[1:3]))
                             if "val" in have else split_validation(train_set, val_fraction, config.seed))
-        arch, args = ("cnn", cnn_args(fit_set)) if model_name == "cnn" else \
+        arch, args = ("cnn", cnn_args(fit_set, widths=widths or CNN_WIDTHS)) if model_name == "cnn" else \
             ("backbone-classifier", backbone_args(fit_set, model_name))
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
                                    arch=arch, arch_args=args)

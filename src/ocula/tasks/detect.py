@@ -2,8 +2,8 @@
 train, evaluate with COCO mAP, predict, draw and count, export.
 
 Two detectors share one face here: "fcos" (ocula's one-stage anchor-free CSP/PAN detector) and "faster-rcnn"
-(ResNet-18 + FPN, GroupNorm). Both run at the model's recorded `input_size`: an image is resized to fit it
-(aspect kept), zero-padded to a multiple of 32, and the boxes are scaled back to the image's own pixels.
+(ResNet-18 + FPN, GroupNorm). Both run at the model's recorded `input_size` (multiples of 32): an image is
+resized to fit it (aspect kept), padded with grey to it, and the boxes are scaled back to the image's pixels.
 
 Training follows a budget of wall-clock minutes or of steps (the engine's LearningRateBudget: warm-up + cosine
 over the budget), and the best validation checkpoint of the weights' exponential moving average is the result.
@@ -68,16 +68,16 @@ def default_input_size(data) -> tuple[int, int]:
 
 
 def letterbox(image: np.ndarray, size) -> tuple[torch.Tensor, float]:
-    """uint8 HxWx3 -> float [3, h, w] 0..255 fitted into `size` (aspect kept), padded to multiples of 32; scale.
-    Resampling and padding match the training crops (plain bilinear, grey fill)."""
+    """uint8 HxWx3 -> float [3, *size] 0..255: fitted into `size` (aspect kept) and padded to it, and the scale.
+    Resampling and padding match the training crops (plain bilinear, grey fill); every image becomes the same
+    tensor whatever else is in its batch."""
     h, w = image.shape[:2]
     s = min(size[0] / h, size[1] / w)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None]
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-    ph, pw = -(-nh // DIVISOR) * DIVISOR, -(-nw // DIVISOR) * DIVISOR
-    return F.pad(x[0], (0, pw - nw, 0, ph - nh), value=PAD_VALUE), s
+    return F.pad(x[0], (0, size[1] - nw, 0, size[0] - nh), value=PAD_VALUE), s
 
 
 def is_fcos(model) -> bool:
@@ -161,14 +161,10 @@ def tune_nms(model, data, candidates=(0.4, 0.45, 0.5, 0.55, 0.6)) -> dict[float,
 
 
 def _batches(images: list[np.ndarray], size, batch_size: int):
-    """Letterboxed batches [B, 3, H, W] with their scales; images of other sizes pad with the same grey as the
-    letterbox, so a result never depends on an image's batch mates."""
+    """Letterboxed batches [B, 3, *size] with their scales."""
     for i in range(0, len(images), batch_size):
         chunk = [letterbox(im, size) for im in images[i:i + batch_size]]
-        h = max(x.shape[1] for x, _ in chunk)
-        w = max(x.shape[2] for x, _ in chunk)
-        yield torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1]), value=PAD_VALUE) for t, _ in chunk]), \
-            [s for _, s in chunk]
+        yield torch.stack([x for x, _ in chunk]), [s for _, s in chunk]
 
 
 def _network_outputs(model, images: list[np.ndarray], batch_size: int = 8) -> list[tuple]:
@@ -454,6 +450,8 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     steps_per_epoch = steps_per_epoch or PRESETS[model_name]["steps_per_epoch"]
     train_set, val_set, test_set = _train_val_test(data, data_dir, val_fraction, config.seed)
     input_size = tuple(input_size or setup.get("input_size") or default_input_size(train_set))
+    if len(input_size) != 2 or any(v <= 0 or v % DIVISOR for v in input_size):
+        raise OculaError(f"input_size must be a height and width in multiples of {DIVISOR}, got {list(input_size)}")
     ignore_missing = setup.get("ignore_missing", False) if ignore_missing is None else ignore_missing
     model, history = fit(model_name, train_set, val_set, config, run_dir=run_dir, minutes=minutes,
                          steps_per_epoch=steps_per_epoch, input_size=input_size, ignore_missing=ignore_missing,

@@ -48,7 +48,9 @@ def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _soft_counts(logits: torch.Tensor, target: torch.Tensor, per_image: bool):
     """Soft TP, FP, FN per class ([K], or [N, K] per image) from sigmoid / softmax probabilities, over the
-    pixels that are not ignored."""
+    pixels that are not ignored. Always float32: under bf16 autocast the logits arrive in bf16, and bf16 sums over
+    a batch of pixels lose most of their digits (autocast leaves elementwise ops and sums in the input dtype)."""
+    logits = logits.float()
     target, valid = _target(logits, target)
     probs = (torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)) * valid
     onehot = _onehot(logits, target) * valid
