@@ -1,5 +1,7 @@
-"""Backbones: torchvision compatibility (names, shapes, numbers), the uniform face, FPN, weight loading, ONNX."""
+"""Backbones: torchvision compatibility (names, shapes, numbers), the uniform face, FPN, weight loading, frozen
+batch norm, ONNX."""
 
+import copy
 import functools
 import importlib.util
 
@@ -8,7 +10,8 @@ import torch
 from torch import nn
 
 from ocula.errors import OculaError
-from ocula.models.backbones import FPN, BackboneWithFPN, build_backbone, list_backbones, load_weights
+from ocula.models.backbones import (FPN, BackboneWithFPN, FrozenBatchNorm2d, build_backbone, freeze_batch_norm,
+                                    list_backbones, load_weights)
 
 NAMES = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "vgg11_bn"]
 
@@ -125,6 +128,40 @@ def test_load_weights_skip_head_for_fine_tuning(tmp_path):
     assert torch.equal(target.fc.weight, fresh_fc)
     assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     load_weights(build_backbone("resnet18", num_classes=0), path, skip_head=True)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])  # BatchNorm eps 1e-5 and 1e-3
+def test_frozen_batch_norm_is_eval_batch_norm_in_training_mode(name, tmp_path):
+    model = build_backbone(name, num_classes=0).double()  # float64: a deep net's rounding would hide small slips
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # statistics far from a fresh BatchNorm's, variances small enough for eps to matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5, generator=g)
+            m.running_var.uniform_(1e-3, 2.0, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.normal_(0, 0.1, generator=g)
+    reference = copy.deepcopy(model).eval()
+    before = copy.deepcopy(model.state_dict())
+    frozen = freeze_batch_norm(model).train()
+    assert frozen is model and not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert list(frozen.state_dict()) == list(before)  # the same keys: checkpoints load either way
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = frozen(x)
+    for key, value in frozen.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running statistics (and the rest) untouched
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x))
+    torch.save(reference.state_dict(), tmp_path / "unfrozen.pth")
+    reloaded = load_weights(freeze_batch_norm(build_backbone(name, num_classes=0).double()), tmp_path / "unfrozen.pth")
+    assert all(torch.equal(v, before[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_frozen_batch_norm_keeps_the_input_dtype_and_rejects_what_it_cannot_freeze():
+    bn = nn.BatchNorm2d(3)
+    assert FrozenBatchNorm2d.from_batch_norm(bn)(torch.ones(1, 3, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert isinstance(freeze_batch_norm(bn), FrozenBatchNorm2d)
+    with pytest.raises(OculaError, match="running statistics"):
+        freeze_batch_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)))
 
 
 class Payload:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ocula.models.detection import boxes as B
-from ocula.models.detection.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes_to_image, nms,
-                                          remove_small_boxes)
+from ocula.models.detection.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes_to_image,
+                                          generalized_iou, nms, remove_small_boxes)
 
 
 def ref_nms(boxes, scores, thr):
@@ -42,6 +42,21 @@ def test_area_and_iou_hand_values():
     assert not torch.isnan(iou).any()
     b = torch.tensor([[0.0, 0.0, 10.0, 5.0], [10.0, 0.0, 20.0, 10.0]])
     assert box_iou(a[:1], b).tolist() == [[0.5, 0.0]]  # half-covered box; boxes touching at an edge
+
+
+def test_generalized_iou_hand_values_and_gradients():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [3.0, 3.0, 3.0, 3.0]],
+                     requires_grad=True)
+    b = torch.tensor([[5.0, 5.0, 15.0, 15.0], [20.0, 0.0, 30.0, 10.0], [0.0, 0.0, 10.0, 10.0], [3.0, 3.0, 3.0, 3.0]])
+    giou, iou = generalized_iou(a, b)
+    # overlap: IoU 25/175, hull 15x15 = 225; apart: IoU 0, hull 30x10 = 300 of which the union covers 200;
+    # identical: 1; two zero-area boxes: 0
+    torch.testing.assert_close(iou, torch.tensor([25 / 175, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(giou, torch.tensor([25 / 175 - 50 / 225, -100 / 300, 1.0, 0.0]))
+    torch.testing.assert_close(iou, box_iou(a, b).diagonal())  # one IoU for every caller
+    (giou.sum() + iou.sum()).backward()
+    assert torch.isfinite(a.grad).all()  # no NaN from the empty union and hull of the zero-area pair
+    assert a.grad[1].abs().sum() > 0  # boxes apart still pull toward each other
 
 
 def test_clip_and_remove_small():

@@ -1,7 +1,9 @@
-"""Anchors, RPN labelling/sampling/proposals, RoI heads and a tiny Faster R-CNN that must learn two images."""
+"""Anchors, RPN labelling/sampling/proposals, RoI heads and a tiny Faster R-CNN that must learn two images; both
+detectors (Faster R-CNN and FCOS) on the data's device and under bf16 autocast."""
 
 import math
 from collections import OrderedDict
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ocula.errors import OculaError
 from ocula.models.detection.anchors import AnchorGenerator, anchors_inside
 from ocula.models.detection.boxes import box_iou
 from ocula.models.detection.faster_rcnn import FasterRCNN
+from ocula.models.detection.fcos import FCOS, FCOSLoss, decode, postprocess
 from ocula.models.detection.roi import MultiScaleRoIAlign
 from ocula.models.detection.roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead, match_proposals
 from ocula.models.detection.rpn import RegionProposalNetwork, RPNHead, label_anchors, sample_labels
@@ -355,3 +358,90 @@ def test_document_defaults_train_and_detect():
     with torch.no_grad():
         out = model(images)
     assert all(d["boxes"].shape[0] <= 100 for d in out)
+
+
+# ---------------------------------------------------------------- device and dtype, both detectors
+
+def fcos_case(device):
+    """A function running FCOS on `device`: FCOSLoss (an image without boxes, an ignored class), backward, then
+    eval decoding and NMS. Returns (losses, detections)."""
+    torch.manual_seed(0)
+    model = FCOS(num_classes=3, widths=(8, 16, 32, 32, 32), depths=(1, 1, 1, 1), neck_width=32).to(device)
+    x = torch.rand(2, 3, 64, 96, device=device) * 255
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [40.0, 10.0, 60.0, 50.0]], device=device),
+                "labels": torch.tensor([0, 2], device=device)},
+               {"boxes": torch.zeros((0, 4), device=device),
+                "labels": torch.zeros(0, dtype=torch.int64, device=device)}]
+    ignore = torch.tensor([[False, True, False], [False, False, False]], device=device)
+
+    def run():
+        losses = FCOSLoss(num_classes=3)(model.train()(x), targets, ignore)
+        sum(losses.values()).backward()
+        with torch.no_grad():
+            return losses, postprocess(*model.eval()(x))
+    return run
+
+
+def faster_rcnn_case(device, backbone=TinyBackbone, **kwargs):
+    """A function running a tiny Faster R-CNN on `device`: training losses, backward, then eval detections."""
+    torch.manual_seed(0)
+    model = tiny_model(backbone(), **kwargs).to(device)
+    images, targets = synthetic_pair()
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+    def run():
+        losses = model.train()(images, targets)
+        sum(losses.values()).backward()
+        with torch.no_grad():
+            return losses, model.eval()(images)
+    return run
+
+
+CASES = {"fcos": fcos_case, "faster_rcnn": faster_rcnn_case,
+         "faster_rcnn_fpn": partial(faster_rcnn_case, backbone=TinyPyramid, anchor_sizes=None),
+         "faster_rcnn_roi_pool": partial(faster_rcnn_case, roi_op="pool")}
+
+
+def check_outputs(losses, detections, device):
+    """Finite float32 losses and float32 detections, all on `device`."""
+    for name, value in losses.items():
+        assert value.device.type == device and value.dtype == torch.float32 and torch.isfinite(value), name
+    assert detections and all(len(d["boxes"]) for d in detections)
+    for det in detections:
+        assert {v.device.type for v in det.values()} == {device}
+        assert det["boxes"].dtype == det["scores"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_new_tensor_is_made_on_the_datas_device(case):
+    """Model and data on the CPU with "meta" as the default device: a tensor made without device=... lands on
+    meta, and meeting the CPU data raises (on a GPU the same slip leaves it on the CPU)."""
+    run = CASES[case]("cpu")
+    with torch.device("meta"):
+        losses, detections = run()
+    check_outputs(losses, detections, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_detectors_run_on_cuda(case):
+    check_outputs(*CASES[case]("cuda")(), "cuda")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_autocast_keeps_losses_and_boxes_float32(case):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, detections = CASES[case]("cpu")()
+    check_outputs(losses, detections, "cpu")
+
+
+def test_fcos_decodes_bf16_head_outputs_in_float32():
+    """Under autocast the heads give bf16; distances must be exponentiated and added in float32, or a 500-pixel
+    box edge moves by whole pixels."""
+    torch.manual_seed(0)
+    out = [(torch.randn(1, 2, 64 // s, 64 // s), torch.randn(1, 5, 64 // s, 64 // s) + 3) for s in (8, 16, 32)]
+    half = [(c.bfloat16(), r.bfloat16()) for c, r in out]
+    boxes, scores = decode(half, (8, 16, 32))
+    want_boxes, want_scores = decode([(c.float(), r.float()) for c, r in half], (8, 16, 32))
+    assert torch.equal(boxes, want_boxes) and torch.equal(scores, want_scores)

@@ -3,7 +3,7 @@
 Every backbone shares one face: `forward(x)` -> logits, `forward_features(x)` -> {'c2'..'c5': map at stride
 4..32}, and the attributes `out_channels` and `strides` (dicts keyed like the maps). Builders take keyword-only
 `num_classes` (0: no classifier), `in_channels`, `norm_layer` ('batch', 'group' or a callable) and, for the
-MobileNets, `width_mult`.
+MobileNets, `width_mult`. `freeze_batch_norm` fixes a BatchNorm backbone's statistics for fine-tuning.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ocula.errors import OculaError
 
 from . import mobilenet, resnet, vgg
 from .fpn import FPN, BackboneWithFPN
-from .norms import group_norm
+from .norms import FrozenBatchNorm2d, freeze_batch_norm, group_norm
 from .weights import load_weights, read_state_dict
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {**resnet.MODELS, **mobilenet.MODELS, **vgg.MODELS}
@@ -32,5 +32,5 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
     return _BUILDERS[name](**kwargs)
 
 
-__all__ = ["FPN", "BackboneWithFPN", "build_backbone", "group_norm", "list_backbones", "load_weights",
-           "read_state_dict"]
+__all__ = ["FPN", "BackboneWithFPN", "FrozenBatchNorm2d", "build_backbone", "freeze_batch_norm", "group_norm",
+           "list_backbones", "load_weights", "read_state_dict"]

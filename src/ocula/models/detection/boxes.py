@@ -18,14 +18,33 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
-def _iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of broadcastable [..., 4] boxes; every caller goes through here so results agree bit for bit."""
+def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of broadcastable [..., 4] boxes."""
     lt = torch.max(a[..., :2], b[..., :2])
     rb = torch.min(a[..., 2:], b[..., 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a) + box_area(b) - inter
-    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+    return inter, box_area(a) + box_area(b) - inter
+
+
+def _ratio(part: Tensor, whole: Tensor) -> Tensor:
+    """part / whole, 0 where whole is empty (zero-area boxes); the inner where keeps NaN out of the gradient too."""
+    filled = whole > 0
+    return torch.where(filled, part / torch.where(filled, whole, torch.ones_like(whole)), torch.zeros_like(part))
+
+
+def _iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of broadcastable [..., 4] boxes; every caller goes through here so results agree bit for bit."""
+    return _ratio(*_inter_union(a, b))
+
+
+def generalized_iou(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(GIoU, IoU) of broadcastable [..., 4] boxes (Rezatofighi et al. 2019): IoU minus the share of the smallest
+    enclosing box that the union leaves empty, so boxes that do not overlap still pull toward each other."""
+    inter, union = _inter_union(a, b)
+    hull = box_area(torch.cat([torch.min(a[..., :2], b[..., :2]), torch.max(a[..., 2:], b[..., 2:])], -1))
+    iou = _ratio(inter, union)
+    return iou - _ratio(hull - union, hull), iou
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -181,7 +200,7 @@ def _nms_sweep(ranked: Tensor, thr: float) -> Tensor | None:
                  - torch.max(x1.index_select(0, a), x1.index_select(0, b))).clamp(min=0)
             inter = w * h
             union = area.index_select(0, a) + area.index_select(0, b) - inter
-            hit = torch.nonzero(torch.where(union > 0, inter / union, torch.zeros_like(inter)) > thr).flatten()
+            hit = torch.nonzero(_ratio(inter, union) > thr).flatten()
             ra = xorder.index_select(0, a.index_select(0, hit))
             rb = xorder.index_select(0, b.index_select(0, hit))
             src.append(torch.minimum(ra, rb))

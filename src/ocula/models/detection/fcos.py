@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocula.models.detection.boxes import batched_nms
+from ocula.models.detection.boxes import batched_nms, generalized_iou
 
 STRIDES = (8, 16, 32)
 
@@ -148,12 +148,14 @@ def distances(reg: Tensor, stride: int) -> Tensor:
 
 
 def flatten(out, strides):
-    """Per-level maps -> (logits [N, P, C], ltrb [N, P, 4], centerness logits [N, P], points [P, 2], stride [P])."""
+    """Per-level maps -> (logits [N, P, C], ltrb [N, P, 4], centerness logits [N, P], points [P, 2], stride [P]),
+    all float32: under bf16 autocast the heads give bf16, whose 8-bit mantissa puts a 500-pixel box edge on a
+    2-pixel grid and blurs the scores the losses sum."""
     logits, ltrb, ctr, points, per_point = [], [], [], [], []
     for (cls, reg), s in zip(out, strides):
         n, c, h, w = cls.shape
-        logits.append(cls.permute(0, 2, 3, 1).reshape(n, h * w, c))
-        reg = reg.permute(0, 2, 3, 1).reshape(n, h * w, 5)
+        logits.append(cls.permute(0, 2, 3, 1).reshape(n, h * w, c).float())
+        reg = reg.permute(0, 2, 3, 1).reshape(n, h * w, 5).float()
         ltrb.append(distances(reg[..., :4], s))
         ctr.append(reg[..., 4])
         points.append(grid_points(h, w, s, cls.device))
@@ -164,8 +166,8 @@ def flatten(out, strides):
 def decode(out, strides) -> tuple[Tensor, Tensor]:
     logits, ltrb, ctr, points, _ = flatten(out, strides)
     boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], -1)
-    scores = torch.sqrt(torch.sigmoid(logits.float()) * torch.sigmoid(ctr.float())[..., None])
-    return boxes.float(), scores
+    scores = torch.sqrt(torch.sigmoid(logits) * torch.sigmoid(ctr)[..., None])
+    return boxes, scores
 
 
 def postprocess(boxes: Tensor, scores: Tensor, *, score_thresh: float = 0.05, nms_thresh: float = 0.6,
@@ -198,17 +200,6 @@ def _quality_focal(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tenso
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * (targets - p).abs() ** gamma
 
 
-def giou_loss(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(GIoU loss, IoU) of paired boxes."""
-    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(1), (b[:, 2:] - b[:, :2]).prod(1)
-    union = area_a + area_b - inter
-    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).prod(1)
-    iou = inter / union.clamp(min=1e-6)
-    return 1 - iou + (hull - union) / hull.clamp(min=1e-6), iou
-
-
 class FCOSLoss:
     """(Quality) focal class loss + GIoU box loss (weighted by centerness) + centerness BCE, over `FCOS.raw` outputs.
 
@@ -229,7 +220,7 @@ class FCOSLoss:
     def assign(self, points: Tensor, stride: Tensor, lo: Tensor, hi: Tensor, boxes: Tensor):
         """Index of the assigned box per point (-1 = background)."""
         if boxes.numel() == 0:
-            return torch.full((len(points),), -1, dtype=torch.long)
+            return torch.full((len(points),), -1, dtype=torch.long, device=points.device)
         x, y = points[:, 0:1], points[:, 1:2]
         ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)  # [P, G, 4]
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -244,9 +235,10 @@ class FCOSLoss:
 
     def __call__(self, out, targets, ignore: Tensor | None = None) -> dict[str, Tensor]:
         logits, ltrb, ctr, points, stride = flatten(out, self.strides)
-        logits, ltrb, ctr = logits.float(), ltrb.float(), ctr.float()
-        lo = torch.cat([torch.full((o[0].shape[2] * o[0].shape[3],), float(a)) for o, (a, _) in zip(out, self.ranges)])
-        hi = torch.cat([torch.full((o[0].shape[2] * o[0].shape[3],), float(b)) for o, (_, b) in zip(out, self.ranges)])
+        # Every cell's (lo, hi) size band: its level's row of `ranges`.
+        cells = torch.tensor([cls.shape[2] * cls.shape[3] for cls, _ in out], device=points.device)
+        bands = torch.tensor(self.ranges, dtype=torch.float32, device=points.device)
+        lo, hi = bands.repeat_interleave(cells, dim=0).unbind(1)
         cls_t = torch.zeros_like(logits)
         weight = torch.ones_like(logits)
         pos_pred, pos_box, pos_ctr, pos_points, pos_index = [], [], [], [], []
@@ -274,8 +266,8 @@ class FCOSLoss:
         ctr_t = torch.sqrt((torch.min(target[:, 0], target[:, 2]) / torch.max(target[:, 0], target[:, 2]))
                            * (torch.min(target[:, 1], target[:, 3]) / torch.max(target[:, 1], target[:, 3])))
         pred_box = torch.cat([p - pred[:, :2], p + pred[:, 2:]], 1)
-        giou, iou = giou_loss(pred_box, box)
-        box_loss = (giou * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+        giou, iou = generalized_iou(pred_box, box)
+        box_loss = ((1 - giou) * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
         if self.quality:
             iou, start = iou.detach().clamp(min=0.01), 0
             for i, cells, labels in pos_index:

@@ -17,6 +17,12 @@ from ocula.errors import OculaError
 _CHUNK_ELEMENTS = 16_000_000
 
 
+def _coord_dtype(input: Tensor) -> torch.dtype:
+    """RoI coordinates are handled in float32 or wider: a bf16 map (autocast) would round a 500-pixel coordinate to
+    a multiple of 2."""
+    return torch.promote_types(input.dtype, torch.float32)
+
+
 def _pair(size) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -57,15 +63,19 @@ def roi_align(input: Tensor, rois, output_size, spatial_scale: float = 1.0, samp
     Matches torchvision.ops.roi_align: each bin is sampled on a sampling_ratio x sampling_ratio grid (or
     ceil(roi_size / output_size) per axis when sampling_ratio <= 0); samples more than one pixel outside the map
     are zero, the rest are clamped to the border; `aligned` shifts the RoI by half a pixel so that pixel centres,
-    not corners, line up with the box coordinates; without it, RoIs are at least 1x1. Returns [K, C, PH, PW].
+    not corners, line up with the box coordinates; without it, RoIs are at least 1x1. Returns [K, C, PH, PW] in
+    the input's dtype. A bf16 / fp16 map is sampled in float32 (as torchvision does under autocast): sample
+    positions are computed from pixel coordinates, and grid_sample needs the map and the grid in one dtype.
     """
+    dtype = input.dtype
+    input = input.to(_coord_dtype(input))
     rois = _as_rois(rois).to(device=input.device, dtype=input.dtype)
     _check_input(input, rois)
     ph, pw = _pair(output_size)
     n, c, height, width = input.shape
     out = input.new_zeros((rois.shape[0], c, ph, pw))
     if rois.shape[0] == 0:
-        return out
+        return out.to(dtype)
     offset = 0.5 if aligned else 0.0
     x1 = rois[:, 1] * spatial_scale - offset
     y1 = rois[:, 2] * spatial_scale - offset
@@ -102,7 +112,7 @@ def roi_align(input: Tensor, rois, output_size, spatial_scale: float = 1.0, samp
             sampled = F.grid_sample(input[b:b + 1], grid, mode="bilinear", padding_mode="zeros",
                                     align_corners=False)  # [1, C, k * PH * PW, gh * gw]
             out[sel] = sampled.mean(dim=3).reshape(c, k, ph, pw).transpose(0, 1)
-    return out
+    return out.to(dtype)
 
 
 def _sample_axis(start: Tensor, bin_size: Tensor, bins: int, grid: int, size: int) -> Tensor:
@@ -132,9 +142,11 @@ def roi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Te
     bin takes the max of its cells; a bin with no cells inside the map is 0. Returns [K, C, PH, PW].
 
     A bin of h x w cells starting at (y, x) is max_pool2d((h, w), stride=1)[y, x], so each distinct bin size
-    costs one pooling pass over the map and one gather, whatever the number of RoIs.
+    costs one pooling pass over the map and one gather, whatever the number of RoIs. RoI coordinates and bin
+    edges are float32 or wider even for a bf16 map (autocast), which would move them by whole cells; the max itself
+    is exact in any dtype.
     """
-    rois = _as_rois(rois).to(device=input.device, dtype=input.dtype)
+    rois = _as_rois(rois).to(device=input.device, dtype=_coord_dtype(input))
     _check_input(input, rois)
     ph, pw = _pair(output_size)
     n, c, height, width = input.shape
@@ -143,8 +155,8 @@ def roi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Te
     if k == 0:
         return out.reshape(0, c, ph, pw)
     x1, y1, x2, y2 = _round_half_away(rois[:, 1:] * spatial_scale).long().unbind(1)
-    row0, row1 = _pool_ranges(y1, y2, ph, height, input.dtype)  # [K, PH]
-    col0, col1 = _pool_ranges(x1, x2, pw, width, input.dtype)  # [K, PW]
+    row0, row1 = _pool_ranges(y1, y2, ph, height, rois.dtype)  # [K, PH]
+    col0, col1 = _pool_ranges(x1, x2, pw, width, rois.dtype)  # [K, PW]
     shape = (k, ph, pw)
     bin_h = (row1 - row0)[:, :, None].expand(shape).reshape(-1)
     bin_w = (col1 - col0)[:, None, :].expand(shape).reshape(-1)
@@ -167,7 +179,8 @@ def roi_pool(input: Tensor, rois, output_size, spatial_scale: float = 1.0) -> Te
 def _pool_ranges(start: Tensor, end: Tensor, bins: int, size: int, dtype) -> tuple[Tensor, Tensor]:
     """First and one-past-last cell [K, bins] of each bin along one axis, clamped into the map.
 
-    Bin edges are computed in the feature dtype, as torchvision does, so floor/ceil land on the same cells.
+    Bin edges are computed in the feature dtype (float32 at least), as torchvision does, so floor/ceil land on the
+    same cells.
     """
     bin_size = (end - start + 1).clamp(min=1).to(dtype)[:, None] / bins
     p = torch.arange(bins, device=start.device, dtype=dtype)

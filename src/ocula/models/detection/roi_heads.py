@@ -133,7 +133,8 @@ class RoIHeads(nn.Module):
         if targets is not None:
             proposals, labels, reg_targets = self.select_training_samples(proposals, targets)
         x = self.box_head(self.box_roi_pool(features, list(proposals), padded_size))
-        class_logits, box_deltas = self.box_predictor(x)
+        # float32 under bf16 autocast too, like the RPN's outputs: bf16 scores keep 3 digits, boxes lose pixels.
+        class_logits, box_deltas = (t.float() for t in self.box_predictor(x))
         if targets is not None:
             return proposals, self.loss(class_logits, box_deltas, torch.cat(labels), torch.cat(reg_targets))
         return self.postprocess(class_logits, box_deltas, proposals, image_sizes), {}

@@ -41,13 +41,14 @@ class RPNHead(nn.Module):
 
 def flatten_predictions(logits: Sequence[Tensor], deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-level [N, k, H, W] / [N, 4k, H, W] maps -> [N, sum(H*W*k)] logits and [N, sum(H*W*k), 4] deltas, in the
-    anchor generator's (row, column, anchor) order."""
+    anchor generator's (row, column, anchor) order; float32 even under bf16 autocast, where scores would keep 3
+    digits and decoded boxes would be off by pixels."""
     flat_logits, flat_deltas = [], []
     for lg, dl in zip(logits, deltas):
         n, k, h, w = lg.shape
         flat_logits.append(lg.permute(0, 2, 3, 1).reshape(n, -1))
         flat_deltas.append(dl.reshape(n, k, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4))
-    return torch.cat(flat_logits, dim=1), torch.cat(flat_deltas, dim=1)
+    return torch.cat(flat_logits, dim=1).float(), torch.cat(flat_deltas, dim=1).float()
 
 
 def label_anchors(anchors: Tensor, gt_boxes: Tensor, *, fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
@@ -80,13 +81,15 @@ def label_anchors(anchors: Tensor, gt_boxes: Tensor, *, fg_iou_thresh: float = 0
 def sample_labels(labels: Tensor, *, batch_size: int, positive_fraction: float,
                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Random positive / negative indices: up to batch_size * positive_fraction positives, negatives fill the
-    rest (so a shortage of positives is made up with negatives)."""
+    rest (so a shortage of positives is made up with negatives). The permutation is drawn on the generator's
+    device when one is given (a generator only draws there), else on the labels' own device."""
     pos = torch.nonzero(labels >= 1).flatten()
     neg = torch.nonzero(labels == 0).flatten()
     num_pos = min(pos.numel(), int(batch_size * positive_fraction))
     num_neg = min(neg.numel(), batch_size - num_pos)
-    pos = pos[torch.randperm(pos.numel(), generator=generator)[:num_pos].to(pos.device)]
-    neg = neg[torch.randperm(neg.numel(), generator=generator)[:num_neg].to(neg.device)]
+    device = labels.device if generator is None else generator.device
+    pos = pos[torch.randperm(pos.numel(), generator=generator, device=device)[:num_pos].to(labels.device)]
+    neg = neg[torch.randperm(neg.numel(), generator=generator, device=device)[:num_neg].to(labels.device)]
     return pos, neg
 
 
@@ -124,7 +127,8 @@ class RegionProposalNetwork(nn.Module):
         """Proposals per image ([P, 4], best first) and, given targets, the RPN losses."""
         logits, deltas = self.head(features)
         level_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors_per_level = self.anchor_generator(level_sizes, strides, features[0].dtype, features[0].device)
+        # float32 anchors whatever the feature dtype: in bf16 (autocast) a 500-pixel coordinate rounds to 2 pixels.
+        anchors_per_level = self.anchor_generator(level_sizes, strides, device=features[0].device)
         anchors = torch.cat(anchors_per_level)
         num_per_level = [a.shape[0] for a in anchors_per_level]
         flat_logits, flat_deltas = flatten_predictions(logits, deltas)
