@@ -21,7 +21,7 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     model = small_cnn_file(tmp_path / "m.ocula")
     loaded = ocula.load(tmp_path / "m.ocula")
     x = torch.rand(3, 1, 8, 8) * 16
-    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(model(x), loaded.module(x))
     assert loaded.info.classes[3] == "3" and loaded.info.preprocess["value_max"] == 16.0
 
 
@@ -65,3 +65,13 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path):
     rewrite_metadata(path, lambda m: m["args"].update(widths=[4, 16]))
     with pytest.raises(OculaError, match="do not fit"):
         ocula.load(path)
+
+
+def test_files_from_wrapped_models_load(tmp_path):
+    """DistributedDataParallel and torch.compile save their weights under 'module.' and '_orig_mod.' prefixes."""
+    model = small_cnn_file(tmp_path / "m.ocula")
+    wrapped = torch.nn.Module()
+    wrapped.module = model
+    save_model(tmp_path / "ddp.ocula", wrapped, ocula.load(tmp_path / "m.ocula").info)
+    x = torch.rand(2, 1, 8, 8) * 16
+    assert torch.equal(ocula.load(tmp_path / "ddp.ocula").module(x), model(x))
