@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import ocula
 from ocula.data.segmentation import index_mask, load_mask_folder
@@ -51,11 +52,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(folder, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "smears-unet"
-    config = segment_train.default_config("unet", epochs=3, batch_size=4, lr=1e-2, threads=1)
-    summary = segment_train.train(str(folder), "unet", config, run_dir=run_dir, crop=32, arch_args=TINY,
-                                  progress=False)
-    return run_dir, summary
+    model = ocula.train(str(folder), "unet", runs_dir=tmp_path_factory.mktemp("runs"), name="smears-unet", epochs=3,
+                        batch_size=4, lr=1e-2, threads=1, crop=32, arch_args=TINY, progress=False)
+    return model.run_dir, model.summary
 
 
 def tiny_model_file(path, classes=("background", "wbc")):
@@ -82,20 +81,56 @@ def test_training_fills_the_run_folder_and_the_loss_falls(run):
     assert json.loads((run_dir / "config.json").read_text())["train"]["monitor"] == "val_dice"
 
 
-def test_model_file_round_trip(run, folder):
+def test_model_file_records_the_run(run):
     run_dir, summary = run
-    model = ocula.load(run_dir / "model.ocula")
-    info = model.info
+    info = ocula.load(run_dir / "model.ocula").info
     assert (info.task, info.arch, info.classes) == ("segment", "normalized-unet", ["background", "foreground"])
     assert info.preprocess["output"] == "binary" and info.preprocess["tile"] == 64
     assert info.metrics["val_dice"] == summary["val_dice"]
-    again = ocula.load(run_dir / "model.ocula")
+
+
+def test_saved_model_predicts_like_the_trained_one(folder, tmp_path):
+    """Everything prediction depends on (weights, batch-norm statistics, input normalisation) survives the file."""
+    config = segment_train.default_config("unet", epochs=1, batch_size=4, lr=1e-2, threads=1)
+    model, info, _ = segment_train.fit(load_mask_folder(folder), "unet", config, crop=32, crops_per_epoch=8,
+                                       arch_args=TINY, progress=False)
+    save_model(tmp_path / "m.ocula", model, info)
+    loaded = ocula.load(tmp_path / "m.ocula").module
     x = torch.rand(1, 3, 45, 61) * 255
     with torch.no_grad():
-        assert torch.equal(model(x), again(x))
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_training_beats_the_untrained_model(run, folder):
+    run_dir, _ = run
+    trained = ocula.load(run_dir / "model.ocula").module
+    torch.manual_seed(0)
+    untrained = build(trained.info.arch, **trained.info.args)
     pairs = segment_train.decode(load_mask_folder(folder))
-    scores = segment_train.evaluate(model, pairs[-2:], **segment_train.tiling(info))  # larger than one tile
-    assert scores["images"] == 2 and 0 <= scores["dice"] <= 1
+    settings = segment_train.tiling(trained.info)
+    before, after = (segment_train.score(m, pairs, **settings)["dice"] for m in (untrained, trained))
+    assert after > 0.5 and after > before + 0.3, (before, after)
+
+
+class _DarkIsForeground(nn.Module):
+    """A stand-in segmenter with known output: foreground exactly where the pixel (0..255) is dark."""
+
+    num_classes = 1
+
+    def forward(self, x):
+        return 128 - x.mean(1, keepdim=True)
+
+
+def test_score_matches_known_masks_by_hand():
+    image = np.full((60, 90, 3), 220, np.uint8)
+    image[10:20, 10:20] = 40  # predicted: a 10 x 10 square ...
+    mask = np.zeros((60, 90), np.int64)
+    mask[12:22, 10:20] = 1  # ... the truth two rows lower: 80 px shared
+    empty = (np.full((40, 40, 3), 220, np.uint8), np.zeros((40, 40), np.int64))  # nothing to find, nothing found
+    scores = segment_train.score(_DarkIsForeground(), [(image, mask), empty], tile=32, overlap=0.25)
+    assert scores["images"] == 2
+    assert scores["dice"] == pytest.approx(2 * 80 / (100 + 100)) and scores["iou"] == pytest.approx(80 / 120)
+    assert scores["mean_image_dice"] == pytest.approx((0.8 + 1.0) / 2)
 
 
 def test_crops_are_repeatable_and_follow_image_area(folder):
@@ -144,20 +179,23 @@ def test_cli_predict_writes_mask_overlay_and_cells(run, tmp_path):
     assert mask.shape == (150, 170) and set(np.unique(mask)) <= {0, 255}
     assert Image.open(tmp_path / "out" / "smear-overlay.png").size == (170, 150)
     rows = list(csv.DictReader(open(tmp_path / "out" / "smear-cells.csv")))
-    assert len(rows) == result["count"] == json.loads((tmp_path / "out" / "smear-cells.json").read_text())["count"]
-    if rows:
-        assert "area_um2" in rows[0]
+    # The smear holds three separate cells like the training ones, and the trained model finds each.
+    saved = json.loads((tmp_path / "out" / "smear-cells.json").read_text())
+    assert len(rows) == result["count"] == saved["count"] == 3
+    for row in rows:  # 0.5 um pixels: a pixel is 0.25 um2
+        assert float(row["area_um2"]) == pytest.approx(0.25 * float(row["area_px"]))
 
 
 def test_cli_evaluate_scores_every_image_by_name(run, folder, tmp_path):
     run_dir, _ = run
-    out = cli("evaluate", run_dir / "model.ocula", "--split", "train", "--out", tmp_path / "ev")
+    out = cli("evaluate", run_dir / "model.ocula", "--split", "all", "--out", tmp_path / "ev")
     assert out.returncode == 0, out.stderr
-    assert "Dice" in out.stdout and (tmp_path / "ev" / "predictions.png").is_file()
+    assert (tmp_path / "ev" / "predictions.png").is_file()
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert json.loads(out.stdout.splitlines()[0])["dice"] == pytest.approx(result["dice"], abs=1e-4)  # rounded
     per_image = {r["file"]: r["dice"] for r in result["per_image"]}
     assert result["images"] == 12 and sorted(per_image) == sorted(f"s{i}.png" for i in range(12))
-    model = ocula.load(run_dir / "model.ocula")
+    model = ocula.load(run_dir / "model.ocula").module
     image = np.asarray(Image.open(folder / "images" / "s3.png"))
     truth = np.asarray(Image.open(folder / "masks" / "s3.png")) > 0
     pred = segment_train.predict_labels(model, image, **segment_train.tiling(model.info)) > 0
@@ -172,8 +210,8 @@ def test_multiclass_mask_is_a_palette_of_class_indices(tmp_path):
     model = ocula.load(tiny_model_file(tmp_path / "m.ocula", classes))
     image, _ = smear(np.random.default_rng(1), 70, 90)
     Image.fromarray(image).save(tmp_path / "cell.png")
-    r = segment_train.predict_file(model, tmp_path / "cell.png", tmp_path / "out")
-    assert Image.open(r["mask"]).mode == "P"
+    (result,) = model.predict(tmp_path / "cell.png")
+    assert Image.open(result.save(tmp_path / "out", "cell")["mask"]).mode == "P"
     assert set(np.unique(index_mask(tmp_path / "out" / "cell-mask.png"))) <= {0, 1, 2}
 
 
@@ -189,7 +227,7 @@ def test_onnx_parity_at_two_sizes_through_the_model_file(run, tmp_path):
     from ocula.export.onnx import check_parity, export_onnx
 
     run_dir, _ = run
-    model = ocula.load(run_dir / "model.ocula")
+    model = ocula.load(run_dir / "model.ocula").module
     path = export_onnx(model, tmp_path / "m.onnx", dynamic_hw=True)
     for size in [(128, 128), (500, 700)]:
         assert check_parity(model, path, torch.rand(1, 3, *size) * 255) < 1e-4
