@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import DATASETS, need
 from ocula.data import registry, voc, yolo
-from ocula.data.detection import (BCCD_CLASSES, DetectionDataset, Record, box_iou, check, convert, load_detection,
-                                  write)
+from ocula.data.boxes import box_iou_np as box_iou
+from ocula.data.detection import BCCD_CLASSES, DetectionDataset, Record, check, convert, load_detection, write
 from ocula.data.draw import draw_boxes, draw_samples
 from ocula.errors import OculaError
 

@@ -20,21 +20,9 @@ from ocula.models import build
 from ocula.tasks import segment_train
 
 from conftest import DATASETS, need
+from synthetic import smear
 
 TINY = {"widths": [4, 8, 16]}
-
-
-def smear(rng, h, w, cells=2):
-    """A pale noisy background with purple discs (the 'cells'); mask 0/255."""
-    image = (np.full((h, w, 3), 215) + rng.integers(0, 25, (h, w, 3))).astype(np.uint8)
-    mask = np.zeros((h, w), np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    for _ in range(cells):
-        r = int(rng.integers(5, 8))
-        cy, cx = rng.integers(r, h - r), rng.integers(r, w - r)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        mask[disc], image[disc] = 255, (125, 45, 150)
-    return image, mask
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ocula.data.boxes import box_iou_np
 from ocula.data.images import read_image
 from ocula.data.registry import DatasetInfo, register
 from ocula.errors import OculaError
@@ -77,17 +78,6 @@ def degenerate(boxes: np.ndarray) -> np.ndarray:
 
 def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of xyxy boxes."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 class DetectionDataset(Sequence):
@@ -254,7 +244,7 @@ def check(dataset: DetectionDataset, duplicate_iou: float = DUPLICATE_IOU) -> Ch
                                                        f"outside the {r.width}x{r.height} image"))
         for c in np.unique(r.labels[(r.labels >= 0) & (r.labels < len(classes))]):
             idx = np.flatnonzero(r.labels == c)
-            iou = np.triu(box_iou(r.boxes[idx], r.boxes[idx]), k=1)
+            iou = np.triu(box_iou_np(r.boxes[idx], r.boxes[idx]), k=1)
             for a, b in zip(*np.nonzero(iou > duplicate_iou)):
                 issues.append(Issue(name, "near_duplicate",
                                     f"{label_name[idx[a]]} boxes {_fmt(r.boxes[idx[a]])} and "

@@ -120,14 +120,14 @@ def greedy_match(overlap: np.ndarray, iou: float = 0.5) -> np.ndarray:
 
 def f1_at(targets: list[dict], detections: list[dict], thresh: float, iou: float = 0.5) -> float:
     """F1 of the detections scoring >= thresh: greedy one-to-one matching by score, same class, IoU >= iou."""
-    from ocula.data.detection import box_iou
+    from ocula.data.boxes import box_iou_np
 
     tp = fp = fn = 0
     for t, d in zip(targets, detections):
         keep = d["scores"] >= thresh
         boxes, labels = d["boxes"][keep], d["labels"][keep]
         order = np.argsort(-d["scores"][keep])
-        overlap = box_iou(np.asarray(boxes[order], float), np.asarray(t["boxes"], float))
+        overlap = box_iou_np(boxes[order], t["boxes"])
         overlap[labels[order][:, None] != t["labels"][None, :]] = 0
         hits = int((greedy_match(overlap, iou) >= 0).sum())
         tp, fp, fn = tp + hits, fp + len(order) - hits, fn + len(t["labels"]) - hits

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ocula.data.segmentation import IGNORE_INDEX  # VOC's "void": pixels that no loss and no training metric counts
+
 # ----------------------------------------------------------------------------------------------------- losses
-
-
-IGNORE_INDEX = 255  # VOC's "void" label: pixels that no loss and no training metric counts
 
 
 def _target(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
