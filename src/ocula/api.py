@@ -152,6 +152,18 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
     return Model(module, path=run_dir / "model.ocula", run_dir=run_dir, summary=summary)
 
 
+def show_data(data: str, *, split: str | None = None, n: int = 32, out: str | Path | None = None,
+               data_dir=None) -> Path:
+    """A PNG sheet of a dataset's samples (registered name or folder) with their labels, masks or boxes."""
+    from ocula.data.layout import resolve_task, splits
+    from ocula.tasks import get_task
+
+    task = get_task(resolve_task(data, data_dir))
+    split = split or splits(data, data_dir)[0]
+    out = Path(out or f"{Path(data).name}-{split}.png")
+    return task.show(task.load_data(data, split, data_dir), n, out)
+
+
 def _read_config(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -36,29 +36,9 @@ def cmd_data_info(args):
 
 
 def cmd_data_show(args):
-    from ocula.data import registry
+    from ocula.api import show_data
 
-    info = registry.get_info(args.name)
-    split = args.split or info.splits[0]
-    data = registry.load(args.name, split, args.data_dir)
-    out = Path(args.out or f"{args.name}-{split}.png")
-    if info.task == "classify":
-        from ocula.plots import image_grid
-
-        n = min(args.n, len(data))
-        image_grid(data.images[:n], [data.classes[int(y)] for y in data.labels[:n]], out, value_max=data.value_max,
-                   title=f"{args.name} ({split}): first {n} of {len(data)}")
-    elif info.task == "segment":
-        from ocula.data.images import save_png
-        from ocula.data.segmentation import mask_grid
-
-        save_png(mask_grid(data, args.n), out)
-    else:
-        from ocula.data.draw import draw_samples
-        from ocula.data.images import save_png
-
-        save_png(draw_samples(data, args.n), out)
-    print(out)
+    print(show_data(args.name, split=args.split, n=args.n, out=args.out, data_dir=args.data_dir))
 
 
 def _detection_source(args):

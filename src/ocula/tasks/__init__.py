@@ -6,6 +6,7 @@ A task module defines:
   OPTIONS                 its own training options with their defaults (e.g. detect: minutes, input_size)
   default_config(model, **overrides) -> TrainConfig
   load_data(data, split, data_dir=None)              a split of a registered dataset or a user's folder
+  show(dataset, n, path) -> Path                     a PNG sheet of samples with their labels, masks or boxes
   train(data, model, config, *, run_dir, data_dir, resume, progress, **OPTIONS) -> (model, summary)
   evaluate(model, dataset, out_dir=None) -> dict     metrics; with out_dir also eval.json and figures
   predict(model, images, sources, *, batch_size, **options) -> [result]   results have .to_json() and .save()

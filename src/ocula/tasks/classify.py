@@ -240,6 +240,15 @@ def load_data(data: str, split: str, data_dir=None, size=None) -> ImageSet:
     return open_dataset(data, split, data_dir)
 
 
+def show(data: ImageSet, n: int, path: Path) -> Path:
+    """A grid of `n` images spread evenly over the dataset (folders are sorted by class) with their class names."""
+    from ocula.plots import image_grid
+
+    idx = np.unique(np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int))
+    return image_grid(data.images[idx], [data.classes[int(y)] for y in data.labels[idx]], path,
+                      value_max=data.value_max, title=f"{data.name}: {len(idx)} of {len(data)}")
+
+
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
           widths: list[int] | None = None):

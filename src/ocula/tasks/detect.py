@@ -263,6 +263,14 @@ def plot_pr_curves(result: dict, path: Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
+def show(data, n: int, path: Path) -> Path:
+    """A sheet of `n` images with their boxes drawn."""
+    from ocula.data.draw import draw_samples
+    from ocula.data.images import save_png
+
+    return save_png(draw_samples(data, n), path)
+
+
 def evaluate(model, data, out_dir: Path | None = None) -> dict:
     """COCO mAP, mAP@.5 and AP@.5 per class; with `out_dir`, also eval.json, PR curves and drawn predictions."""
     if out_dir is not None:

@@ -378,6 +378,14 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     return model, summary
 
 
+def show(data: MaskDataset, n: int, path: Path) -> Path:
+    """A sheet of `n` items, each image beside its mask overlay."""
+    from ocula.data.images import save_png
+    from ocula.data.segmentation import mask_grid
+
+    return save_png(mask_grid(data, n), path)
+
+
 def evaluate(model, data: MaskDataset, out_dir: Path | None = None) -> dict:
     """Dice / IoU of whole-image predictions; with `out_dir`, also eval.json and predictions.png."""
     if out_dir is not None:
