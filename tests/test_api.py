@@ -159,3 +159,12 @@ def test_train_and_predict_on_cuda(trained, tmp_path):
     m = ocula.train(data, model, runs_dir=tmp_path, progress=False, device="cuda", **settings)
     assert m.device.type == "cuda"
     assert len(m.predict(torch.rand(2, 3, 32, 32) * 255)) == 2
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_show_draws_a_sheet_of_any_folder(task, tmp_path):
+    from ocula.api import show_data
+
+    path = show_data(make_data(task, tmp_path / "data"), n=4, out=tmp_path / "sheet.png")
+    with Image.open(path) as sheet:
+        assert sheet.width > 100 and len(set(np.asarray(sheet.convert("L")).ravel())) > 8  # drawn, not blank
