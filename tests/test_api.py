@@ -132,7 +132,7 @@ def test_the_task_comes_from_the_data(tmp_path):
     assert resolve_task(synthetic.detection_folder(tmp_path / "yolo", "yolo").as_posix()) == "detect"
     assert resolve_task("digits") == "classify"
     (tmp_path / "mnist").mkdir()  # a local folder named like a dataset is still a folder
-    with pytest.raises(OculaError, match="mnist"):
+    with pytest.raises(OculaError, match="mnist: no known dataset layout"):
         ocula.train(str(tmp_path / "mnist"), runs_dir=tmp_path, progress=False)
 
 

@@ -118,3 +118,33 @@ def test_early_stopping_and_nan_stop(tmp_path, digits):
     assert len(history) < 30
     with pytest.raises(OculaError, match="nan"):
         tiny_train(digits, tmp_path / "nan", tiny_config(lr=1e30, weight_decay=0.0, schedule="constant"))
+
+
+def test_svc_scores_are_shares_of_the_votes(svc, digits):
+    from ocula.api import Model
+
+    results = Model(svc).predict(digits[1].images[:20, :, :, None].astype(np.uint8))  # N x H x W x C
+    for r in results:
+        assert sum(r.probabilities.values()) == pytest.approx(1.0)
+        assert r.probability == max(r.probabilities.values()) and r.probabilities[r.name] == r.probability
+    votes = classify.batched_forward(svc, classify.to_tensor(digits[1].images[:20]))
+    assert [r.label for r in results] == votes.argmax(1).tolist()
+
+
+def test_fashion_photos_become_light_articles_on_black():
+    from ocula.data.photo import prepare_photo
+
+    photo = np.full((120, 90, 3), 245, np.uint8)  # a dark shirt on a white table, off centre
+    photo[20:70, 10:50] = (60, 40, 30)
+    array, _ = prepare_photo(photo, style="fashion", size=(28, 28), channels=1)
+    assert array.shape == (1, 28, 28)
+    img = array[0]
+    assert img[img > 100].size > 300 and img[0, 0] < 10  # the article is light, the background black
+    ys, xs = np.nonzero(img > 100)
+    assert abs(ys.mean() - 13.5) < 2 and abs(xs.mean() - 13.5) < 2  # trimmed and centred
+
+
+def test_library_calls_leave_threads_and_random_state_alone(tmp_path):
+    threads, state = torch.get_num_threads(), torch.random.get_rng_state()
+    ocula.train("digits", "cnn", runs_dir=tmp_path, progress=False, epochs=1, threads=2, widths=[4, 8], seed=7)
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), state)

@@ -122,15 +122,17 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
     data = str(data)
     task_name = resolve_task(data, data_dir)
     task = get_task(task_name)
-    model = model or task.MODELS[0]
-    run_dir = Path(runs_dir) / task_name / (name or f"{Path(data).name}-{model}")
+    run_dir = Path(runs_dir) / task_name / (name or f"{Path(data).name}-{model or task.MODELS[0]}")
     if resume:
-        settings = _resumed_settings(run_dir, data, model, settings, RUNTIME)
+        saved = _read_config(run_dir / "config.json")
+        model = model or saved["model"]
+        settings = _resumed_settings(saved, run_dir, data, model, settings, RUNTIME)
     elif run_dir.exists():
         if not overwrite:
             raise OculaError("run folder exists; pass resume to continue it, overwrite to replace it, or a new "
                              "name", run_dir)
         shutil.rmtree(run_dir)
+    model = model or task.MODELS[0]
     train_names = {f.name for f in fields(TrainConfig)}
     unknown = set(settings) - train_names - set(task.OPTIONS)
     if unknown:
@@ -174,9 +176,8 @@ def _read_config(path: Path) -> dict:
         raise OculaError(f"not an ocula run config ({e})", path) from None
 
 
-def _resumed_settings(run_dir: Path, data: str, model: str, given: dict, runtime: tuple) -> dict:
+def _resumed_settings(saved: dict, run_dir: Path, data: str, model: str, given: dict, runtime: tuple) -> dict:
     """The run's recorded settings, with only the runtime ones (and more epochs) taken from `given`."""
-    saved = _read_config(run_dir / "config.json")
     if (saved["data"], saved["model"]) != (data, model):
         raise OculaError(f"this run trained {saved['model']} on {saved['data']}, not {model} on {data}", run_dir)
     recorded = {**saved["train"], **saved["options"]}
