@@ -3,7 +3,7 @@
 Per detector: test mAP@.5, mAP@[.5:.95], AP@.5 per class (pycocotools), training wall time and settings (from the
 run folder), and inference milliseconds per 640x480 image (letterbox resize + network + NMS, batch 1) in torch
 and ONNX Runtime at 1 and 2 threads. Either train here (`--train fcos --minutes 40`) or pass model files trained
-with `ocula train bccd --model ...` (their run folder's config.json gives the settings).
+with `ocula train bccd --model ...` (their run folder's config.json and summary.json give the settings).
 
     python benchmarks/detect.py --model runs/detect/bccd-fcos/model.ocula \
         --model runs/detect/bccd-faster-rcnn/model.ocula
@@ -28,6 +28,8 @@ from common import markdown_table, record  # noqa: E402
 import ocula  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.errors import OculaError  # noqa: E402
+from ocula.export.onnx import onnx_session, run_onnx  # noqa: E402
+from ocula.models.detection.fcos import postprocess  # noqa: E402
 from ocula.tasks import detect  # noqa: E402
 
 REFERENCE = ["Ultralytics YOLO11n, from scratch, 40 min on 2 cores (quoted from issue 4, not run here)", "0.884",
@@ -48,56 +50,73 @@ def median_ms(fn, images, repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def ort_detect(session, model, image):
+def counting_threshold(model) -> float:
+    """The score above which Model.predict keeps (draws and counts) detections, tuned by F1 on val in training."""
+    return model.info.preprocess.get("score_thresh", detect.SCORE_THRESH)
+
+
+def ort_predict(session, model, image) -> tuple[np.ndarray, np.ndarray]:
+    """Model.predict's steps with ONNX Runtime running the network: letterbox, network, class-wise NMS (not in the
+    graph), boxes back in the image's pixels; returns (boxes, labels)."""
     x, s = detect.letterbox(image, model.info.preprocess["input_size"])
-    d = detect.onnx_detect(session, x[None], nms_thresh=detect.nms_threshold(model))[0]
-    return d["boxes"] / s, d["scores"], d["labels"]
+    boxes, scores = (torch.from_numpy(a) for a in run_onnx(session, x[None]))
+    d = postprocess(boxes, scores, score_thresh=counting_threshold(model), nms_thresh=detect.nms_threshold(model))[0]
+    h, w = image.shape[:2]
+    return (d["boxes"] / s).numpy().clip(0, [w, h, w, h]), d["labels"].numpy()
+
+
+def onnx_parity(model, session, images) -> float:
+    """Largest box difference (px) between the detections of Model.predict and of ONNX Runtime on `images`;
+    raises unless both find the same objects. (Model.export checks one random input, where little is found.)"""
+    worst = 0.0
+    for result, image in zip(model.predict(images), images):
+        boxes, labels = ort_predict(session, model, image)
+        # Compared as sets: NMS lists detections by score, and near-equal scores may swap between runtimes.
+        a, b = np.lexsort((*result.boxes.T, result.labels)), np.lexsort((*boxes.T, labels))
+        if not np.array_equal(result.labels[a], labels[b]):
+            raise OculaError(f"ONNX Runtime detections differ from torch on a test image ({model.info.arch})")
+        worst = float(np.abs(result.boxes[a] - boxes[b]).max(initial=worst))
+    return worst
 
 
 def timings(model, images) -> dict[str, str]:
     out = {}
-    onnx_dir = tempfile.TemporaryDirectory()
-    session = {}
-    if detect.is_fcos(model):
-        from ocula.export.onnx import onnx_session
-
-        path = detect.export_onnx(model, Path(onnx_dir.name) / "m.onnx")
-        x = torch.stack([detect.letterbox(im, model.info.preprocess["input_size"])[0] for im in images])
-        out["parity"] = (f"{model.info.arch}: ONNX Runtime and torch give the same detections on {len(images)} test "
-                         f"images, boxes within {detect.check_onnx_parity(model, path, x):.1e} px")
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        out[f"torch{threads}"] = f"{median_ms(lambda im: detect.detect_images(model, [im]), images):.1f}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
         if detect.is_fcos(model):
-            import onnxruntime as ort
+            model.export("onnx", path)
+            out["parity"] = (f"{model.info.arch}: ONNX Runtime and torch give the same detections on {len(images)} "
+                             f"test images, boxes within {onnx_parity(model, onnx_session(path), images):.1e} px")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[f"torch{threads}"] = f"{median_ms(lambda im: model.predict(im), images):.1f}"
+            if detect.is_fcos(model):
+                import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            out[f"ort{threads}"] = f"{median_ms(lambda im: ort_detect(session, model, im), images):.1f}"
-        else:
-            out[f"ort{threads}"] = "n/a"
-    onnx_dir.cleanup()
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+                opts.log_severity_level = 3
+                session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                out[f"ort{threads}"] = f"{median_ms(lambda im: ort_predict(session, model, im), images):.1f}"
+            else:
+                out[f"ort{threads}"] = "n/a"
     return out
 
 
 def error_breakdown(model, data) -> list[list]:
     """Per class at the model's counting threshold: hits, misses, and false alarms split by what they overlap
     (a same-class box at IoU 0.1-0.5: a duplicate or misplaced box; nothing: an unlabelled cell or background)."""
-    from ocula.data.detection import box_iou
+    from ocula.data.boxes import box_iou_np
 
     images, targets = zip(*(data[i] for i in range(len(data))))
-    thresh = model.info.preprocess.get("score_thresh", detect.SCORE_THRESH)
-    dets = detect.detect_images(model, list(images), score_thresh=thresh)
+    results = model.predict(list(images))
     rows = []
     for k, name in enumerate(data.classes):
         hit = miss = near = alone = 0
-        for t, d in zip(targets, dets):
-            gt = np.asarray(t["boxes"][t["labels"] == k], float)
-            sel = d["labels"] == k
-            boxes, scores = np.asarray(d["boxes"][sel], float), d["scores"][sel]
-            iou = box_iou(boxes[np.argsort(-scores)], gt)
+        for t, d in zip(targets, results):
+            gt = t["boxes"][t["labels"] == k]
+            sel = d.labels == k
+            iou = box_iou_np(d.boxes[sel][np.argsort(-d.scores[sel])], gt)
             matched = detect.greedy_match(iou) >= 0
             near_box = iou[~matched].max(1) >= 0.1 if len(gt) else np.zeros((~matched).sum(), bool)
             hit, miss = hit + int(matched.sum()), miss + len(gt) - int(matched.sum())
@@ -107,21 +126,24 @@ def error_breakdown(model, data) -> list[list]:
 
 
 def settings_of(model_path: Path, model) -> tuple[str, str]:
-    """(train minutes, settings) from the model file's metrics and its run folder's config.json."""
+    """(train minutes, settings) from the model file's metrics and its run folder's config.json and summary.json
+    (written by ocula.train and `ocula train`)."""
     m = model.info.metrics
     minutes = f"{m['train_seconds'] / 60:.1f}" if "train_seconds" in m else "?"
-    config = model_path.parent / "config.json"
-    if not config.is_file():
+    run = model_path.parent
+    if not (run / "summary.json").is_file():
         return minutes, model.info.arch
-    c = json.loads(config.read_text())
-    t = c["train"]
+    c, summary = (json.loads((run / name).read_text()) for name in ("config.json", "summary.json"))
+    t, o = c["train"], c["options"]
+    steps = o["steps_per_epoch"] or detect.PRESETS[c["model"]]["steps_per_epoch"]
+    budget = f"a {o['minutes']:g}-minute wall-clock budget" if o["minutes"] else f"{t['epochs'] * steps} steps"
+    h, w = model.info.preprocess["input_size"]  # BCCD smears are 640x480
     args = {k: v for k, v in model.info.args.items() if k != "num_classes"}
-    params = sum(p.numel() for p in model.parameters())
-    text = (f"{model.info.arch} {args} ({params / 1e6:.2f} M params); input {c['input_size'][0]}x{c['input_size'][1]}"
-            f" (0.8x), random scale 0.6-1.0 crops, flips, colour jitter; batch {t['batch_size']}, AdamW lr {t['lr']} "
-            f"wd {t['weight_decay']}, warm-up + cosine over a {c['minutes']:g}-minute wall-clock budget, EMA weights, "
-            f"best val mAP@.5 of {m.get('epochs', '?')} epochs x {c['steps_per_epoch']} steps; "
-            f"{'bf16 autocast, ' if t['bf16'] else ''}{'channels-last, ' if t['channels_last'] else ''}"
+    params = sum(p.numel() for p in model.module.parameters())
+    text = (f"{model.info.arch} {args} ({params / 1e6:.2f} M params); input {h}x{w} ({h / 480:g}x), random scale "
+            f"0.6-1.0 crops, flips, colour jitter; batch {t['batch_size']}, AdamW lr {t['lr']} wd {t['weight_decay']}, "
+            f"warm-up + cosine over {budget}, EMA weights, best val mAP@.5 of {summary['epochs']} epochs x {steps} "
+            f"steps; {'bf16 autocast, ' if t['bf16'] else ''}{'channels-last, ' if t['channels_last'] else ''}"
             f"{t['threads'] or 'default'} thread(s)")
     return minutes, text
 
@@ -129,17 +151,16 @@ def settings_of(model_path: Path, model) -> tuple[str, str]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", default=[], help="trained detector file (repeatable)")
-    ap.add_argument("--train", action="append", default=[], choices=list(detect.PRESETS), help="train this detector")
+    ap.add_argument("--train", action="append", default=[], choices=detect.MODELS, help="train this detector")
     ap.add_argument("--minutes", type=float, default=40.0, help="training budget for --train")
     ap.add_argument("--threads", type=int, default=2, help="training threads for --train")
-    ap.add_argument("--runs-dir", default="runs/detect")
+    ap.add_argument("--runs-dir", default="runs", help="--train writes RUNS_DIR/detect/bench-MODEL")
     args = ap.parse_args()
     paths = [Path(p) for p in args.model]
     for name in args.train:
-        run_dir = Path(args.runs_dir) / f"bench-{name}"
-        config = detect.default_config(name, threads=args.threads)
-        detect.train("bccd", name, config, run_dir=run_dir, minutes=args.minutes)
-        paths.append(run_dir / "model.ocula")
+        trained = ocula.train("bccd", name, runs_dir=args.runs_dir, name=f"bench-{name}", overwrite=True,
+                              progress=False, minutes=args.minutes, threads=args.threads)
+        paths.append(trained.path)
     if not paths:
         raise OculaError("nothing to benchmark: pass --model FILE or --train fcos|faster-rcnn")
     test = registry.load("bccd", "test")
@@ -148,23 +169,23 @@ def main():
     for path in paths:
         model = ocula.load(path)
         torch.set_num_threads(2)
-        r = detect.evaluate(model, test)
+        r = model.evaluate("bccd", split="test")
         minutes, settings = settings_of(path, model)
         t = timings(model, images)
         parity += [t["parity"]] if "parity" in t else []
         rows.append([f"ocula {model.info.arch} ({path})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
                      *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
                      f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", settings])
-        errors += [[model.info.arch, f"{model.info.preprocess.get('score_thresh', detect.SCORE_THRESH):g}", *e]
-                   for e in error_breakdown(model, test)]
+        errors += [[model.info.arch, f"{counting_threshold(model):g}", *e] for e in error_breakdown(model, test)]
         print(rows[-1], errors[-3:], flush=True)
     header = ["detector", "test mAP@.5", "test mAP@[.5:.95]", "AP@.5 WBC", "AP@.5 RBC", "AP@.5 Platelets",
               "train min", "torch ms/img (1 / 2 threads)", "ORT ms/img (1 / 2 threads)", "settings"]
     body = markdown_table(header, [REFERENCE] + rows)
     body += ("\n\nBCCD test split, 72 images, pycocotools (100 detections per class and image). Inference: one "
-             "640x480 test image at a time, letterbox resize to the model's input size, network, decoding and "
-             "class-wise NMS (after ONNX Runtime for the ORT column; Faster R-CNN is not exported), median over 10 "
-             "images of the best of 3; the machine was shared with other jobs, so timings are rough. "
+             "640x480 test image at a time through Model.predict (letterbox resize to the model's input size, "
+             "network, decoding, class-wise NMS, detections above the model's counting threshold; the ORT column "
+             "runs the network in ONNX Runtime, Faster R-CNN is not exported), median over 10 images of the best of "
+             "3; the machine was shared with other jobs, so timings are rough. "
              + "; ".join(parity) + ".")
     body += ("\n\nWhere the errors are (test split, detections above the model's counting threshold, tuned by F1 on "
              "val; a hit is IoU >= 0.5 with an unmatched box of the same class):\n\n")

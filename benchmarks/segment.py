@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, per_item_us, record  # noqa: E402
 
+from ocula.api import Model  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.data.segmentation import folds  # noqa: E402
-from ocula.export.onnx import export_onnx, onnx_session  # noqa: E402
+from ocula.export.onnx import onnx_session  # noqa: E402
 from ocula.models.unet import count_parameters  # noqa: E402
 from ocula.tasks import segment_train  # noqa: E402
 from ocula.tasks.segment import predict_candidates, segmentation_scores  # noqa: E402
@@ -59,13 +60,10 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return segmentation_scores(pred.astype(np.int64), truth.astype(np.int64), num_classes=2)["dice"]
 
 
-def labels(model, image: np.ndarray) -> np.ndarray:
-    return segment_train.predict_labels(model, image, **segment_train.tiling(model.info))
-
-
-def foreground_probs(model, image: np.ndarray) -> np.ndarray:
+def foreground_probs(model: Model, image: np.ndarray) -> np.ndarray:
+    """The tiled foreground probabilities that Model.predict thresholds (it returns only the mask)."""
     tile = segment_train.tiling(model.info)
-    return segment_train.predict_probs(model, image, tile=tile["tile"], overlap=tile["overlap"])[0].numpy()
+    return segment_train.predict_probs(model.module, image, tile=tile["tile"], overlap=tile["overlap"])[0].numpy()
 
 
 def boundaries_on_grid(masks, step: int) -> float:
@@ -86,7 +84,8 @@ def snap(probs: np.ndarray, step: int) -> np.ndarray:
 
 
 def fit(model_name: str, train_set, dataset: str, args):
-    """Train with an inner 10% hold-out for selection; returns (model, seconds, epochs run)."""
+    """Train with an inner 10% hold-out for selection; returns (model, seconds, epochs run). The training sets
+    are index subsets (folds, slices, the patches alone), which ocula.train cannot take."""
     fit_set, select_set = segment_train.split(train_set, fold=None, val_fraction=0.1, seed=args.seed)
     setup = segment_train.DATASETS[dataset]
     config = segment_train.default_config(model_name, epochs=epochs_for(model_name, args), seed=args.seed,
@@ -96,7 +95,7 @@ def fit(model_name: str, train_set, dataset: str, args):
         model, _, history = segment_train.fit(fit_set, model_name, config, val_set=select_set, crop=setup["crop"],
                                               augment=setup["augment"], crops_per_epoch=args.crops,
                                               run_dir=Path(tmp), progress=False)
-    return model, time.perf_counter() - start, len(history)
+    return Model(model), time.perf_counter() - start, len(history)
 
 
 def epochs_for(model_name: str, args) -> int:
@@ -108,13 +107,14 @@ def test_pairs(data, indices, args):
     return pairs[:args.limit] if args.limit else pairs
 
 
-def latency_ms(model, size: int = 128) -> tuple[float, float]:
-    """Best-of-5 milliseconds for one size x size RGB patch, torch and ONNX Runtime."""
+def latency_ms(model: Model, size: int = 128) -> tuple[float, float]:
+    """Best-of-5 milliseconds for one size x size RGB patch through the network, torch and ONNX Runtime."""
     x = torch.rand(1, 3, size, size) * 255
     with torch.no_grad():
-        torch_ms = per_item_us(lambda: model(x), 1) / 1000
+        torch_ms = per_item_us(lambda: model.module(x), 1) / 1000
     with tempfile.TemporaryDirectory() as tmp:
-        session = onnx_session(export_onnx(model, Path(tmp) / "m.onnx", dynamic_hw=True))
+        model.export("onnx", Path(tmp) / "m.onnx")
+        session = onnx_session(Path(tmp) / "m.onnx")
         ort_ms = per_item_us(lambda: session.run(None, {"image": x.numpy()}), 1) / 1000
     return torch_ms, ort_ms
 
@@ -143,7 +143,7 @@ def bench_sigtuple(args) -> str:
                 f"{e} epochs")
         torch_ms, ort_ms = latency_ms(model)
         grid_rows.append([name, mean_std(image_dice), mean_std(snapped), mean_std(ceiling)])
-        rows.append([name, f"{count_parameters(model):,}", f"{mean_std(image_dice)} (n={len(image_dice)})",
+        rows.append([name, f"{count_parameters(model.module):,}", f"{mean_std(image_dice)} (n={len(image_dice)})",
                      " / ".join(f"{v:.3f}" for v in fold_dice), f"{np.mean(seconds):.0f}",
                      " / ".join(map(str, epochs)), f"{torch_ms:.1f}", f"{ort_ms:.1f}"])
     table = markdown_table(["model", "params", "held-out per-image Dice", "fold means", "train s / fold",
@@ -171,7 +171,7 @@ def bench_zheng(args) -> str:
         for k, (train, test) in enumerate(folds(data, 5)[:args.folds]):
             model, s, _ = fit(name, data.subset(train), "wbc-zheng", args)
             for image, mask in test_pairs(data, test, args):
-                pred = labels(model, image)
+                pred = model.predict(image)[0].mask
                 nucleus.append(dice(pred == 2, mask == 2))
                 cell.append(dice(pred > 0, mask > 0))
             seconds.append(s)
@@ -193,7 +193,7 @@ def bench_isbi(args) -> str:
         model, s, _ = fit(name, data.subset(train), "isbi2012", args)
         pixel, rand, cell = [], [], []
         for image, mask in test_pairs(data, test, args):
-            pred = labels(model, image)
+            pred = model.predict(image)[0].mask
             pixel.append(float((pred != mask).mean()))
             # Segments are the 4-connected cell regions; membrane (0) pixels of the truth are ignored.
             rand.append(adapted_rand_error(label(mask == 1, connectivity=1), label(pred == 1, connectivity=1))[0])
@@ -217,10 +217,10 @@ def bench_large(args) -> str:
         tile = segment_train.tiling(model.info)
         min_area = tile["min_area"]
         methods = {
-            "tiled": lambda image: foreground_probs(model, image) > 0.5,
-            f"tiled, objects >= {min_area} px (default)": lambda image: labels(model, image) > 0,
+            "tiled": lambda image: model.predict(image, min_area=0)[0].mask > 0,
+            f"tiled, objects >= {min_area} px (default)": lambda image: model.predict(image)[0].mask > 0,
             "candidate crops (notes)": lambda image: predict_candidates(
-                model, torch.tensor(image).permute(2, 0, 1).float(), crop=128, min_area=500)[0].numpy() > 0.5}
+                model.module, torch.tensor(image).permute(2, 0, 1).float(), crop=128, min_area=500)[0].numpy() > 0.5}
         for method, run in methods.items():
             scores, seconds = [], []
             for image, mask in large:
