@@ -138,3 +138,25 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "classify" / "demo-digits-cnn" / "digit-5-steps.png").is_file()
     read = next(line for line in out.stdout.splitlines() if "read correctly" in line)
     assert int(read.split(":")[1].split("/")[0]) >= 5  # the 8x8 model reads most of the ten photos
+
+
+def test_train_resume_and_rerun_from_the_command_line(tmp_path):
+    import synthetic
+
+    data = synthetic.class_folder(tmp_path / "photos", per_class=9)
+    runs = tmp_path / "runs"
+    out = run("train", data, "--epochs", "1", "--batch-size", "9", "--runs-dir", runs, "--quiet", "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["task"] == "classify" and summary["model"] == "cnn" and 0 <= summary["test_accuracy"] <= 1
+    run_dir = runs / "classify" / "photos-cnn"
+    out = run("train", data, "--epochs", "2", "--resume", "--runs-dir", runs, "--quiet", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 2  # one more epoch, not a restart
+    out = run("train", data, "--resume", "--lr", "0.5", "--runs-dir", runs, "--quiet")
+    assert out.returncode == 1 and "lr" in out.stderr and "Traceback" not in out.stderr
+    out = run("train", "--config", run_dir / "config.json", "--name", "again", "--runs-dir", runs, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["test_accuracy"] == json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+    out = run("evaluate", run_dir / "model.ocula", "--device", "cpu", "--out", tmp_path / "eval")
+    assert out.returncode == 0 and json.loads(out.stdout.splitlines()[0])["accuracy"] >= 0

@@ -229,6 +229,9 @@ def read_inputs(inputs) -> tuple[list[np.ndarray], list[str]]:
     if isinstance(inputs, Image.Image):
         return [np.asarray(to_mode(inputs, "RGB"))], ["<PIL image>"]
     if isinstance(inputs, np.ndarray):
+        if inputs.ndim == 3 and inputs.shape[2] not in (1, 3, 4):
+            raise OculaError(f"a 3-D array is one HxWxC image with 1, 3 or 4 channels, not {inputs.shape}; pass a "
+                             "stack of grey images as NxHxWx1")
         if inputs.ndim in (2, 3):
             return [inputs], ["<array>"]
         if inputs.ndim == 4:

@@ -275,6 +275,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
 
             model = load_model(run_dir / "best.ocula", device=config.device)
             info = model.info
+    info.preprocess["dataset"] = data  # the name or folder to evaluate on again (a folder's ImageSet name is short)
     model.info = info
     summary = {}
     if "test" in have:
