@@ -167,6 +167,20 @@ def cmd_demo(args):
     run_demo(Path(args.runs_dir))
 
 
+def cmd_serve(args):
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise OculaError("serving needs FastAPI and uvicorn: pip install 'ocula[serve]'") from None
+    from ocula.serve.app import Limits
+    from ocula.serve.server import run
+
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, timeout=args.timeout,
+                    max_concurrent=args.max_concurrent)
+    run(args.models, host=args.host, port=args.port, limits=limits, cors_origins=tuple(args.cors_origin))
+
+
 # --- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ocula import __version__
@@ -288,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
     c.add_argument("--runs-dir", default=str(RUNS))
+
+    c = command("serve", cmd_serve, "the web page and HTTP API (/v1/predict, /docs) for model files")
+    c.add_argument("models", nargs="*", help="model files, each served under its file name (default: the bundled "
+                   "digit model); an ONNX export beside a file runs in ONNX Runtime")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--max-bytes", type=int, default=10 * 2**20, help="largest upload in bytes")
+    c.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds one prediction may take")
+    c.add_argument("--max-concurrent", type=int, default=32, help="predictions held at once; more get 503")
+    c.add_argument("--cors-origin", action="append", default=[], help="allow this origin's pages to call the API "
+                   "(repeatable; default: none)")
     return p
 
 
