@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,9 +61,16 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
     """The API and the page for `models` (name -> Served; the first is the default)."""
     limits = limits or Limits()
     default = next(iter(models))
+    executor = ThreadPoolExecutor(limits.workers, thread_name_prefix="ocula-predict")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
     app = FastAPI(title="ocula", summary="Predict with ocula models: labels, masks and cell counts, boxes.",
-                  version=_version())
-    app.state.executor = ThreadPoolExecutor(limits.workers, thread_name_prefix="ocula-predict")
+                  version=_version(), lifespan=lifespan)
+    app.state.executor = executor
     app.state.in_flight = 0  # touched only on the event loop
     page = (STATIC / "index.html").read_text(encoding="utf-8")
 
@@ -134,10 +142,6 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
                     "milliseconds": round((time.perf_counter() - start) * 1000, 1)}
 
         return await run_bounded(app, limits, work)
-
-    @app.on_event("shutdown")
-    def stop_workers():
-        app.state.executor.shutdown(wait=False, cancel_futures=True)
 
     return app
 
