@@ -100,6 +100,13 @@ def test_models_health_docs_and_page(client):
         assert "http://" not in f.read_text() and "https://" not in f.read_text(), f.name
 
 
+def test_the_bundled_digit_model_reads_the_sample_photos():
+    from ocula.demo import read_samples
+
+    correct, _ = read_samples(ocula.load(DIGIT_MODEL, device="cpu"))
+    assert correct >= 9  # what `make demo` promises (the 8x8 model reads about 6)
+
+
 def test_the_bundled_digit_model_reads_a_photo_and_shows_its_stages(client):
     body = post_file(client, (SAMPLES / "digit-7.jpg").read_bytes()).json()
     assert (body["model"], body["runtime"], body["class"]) == ("digits-mnist", "onnx", "7")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ocula.weights import DIGIT_MODEL
+
 DOCUMENT_ACCURACY = 0.9633  # SVC(gamma=0.001) on the same split, as reported in 000_960cf4a20a8e44bb.txt
 SAMPLES = Path(__file__).parent / "samples"
 # The digits CNN recipe shared by the demo and benchmarks/digits.py (10% of train held out, selected on val loss).
@@ -32,10 +34,14 @@ def run_demo(runs_dir: Path) -> dict:
         print(f"  {label:42s} accuracy {r['test_accuracy']:.4f}   trained in {r['train_seconds']:.1f} s")
     model = models["cnn"]
     print(f"\nsaved {model.path}\nexported {model.export('onnx')}")
-    correct, results = read_samples(model)
+    bundled = ocula.load(DIGIT_MODEL, device="cpu")  # 28x28 MNIST: room for a photographed digit's strokes
+    correct, results = read_samples(bundled)
+    print("\nsample photos (MNIST test digits rendered as phone photos):")
+    print(f"  {'8x8 digits cnn (just trained)':42s} read correctly: {read_samples(model)[0]}/{len(results)}")
+    print(f"  {'bundled MNIST cnn (' + DIGIT_MODEL.name + ')':42s} read correctly: {correct}/{len(results)} ("
+          + ", ".join(f"{Path(r.source).stem[-1]}->{r.name}" for r in results) + ")")
     steps = results[5].save(model.run_dir, "digit-5")["steps"]
-    print(f"sample photos (MNIST digits rendered as phone photos): {correct}/{len(results)} read correctly: "
-          + ", ".join(f"{Path(r.source).stem[-1]}->{r.name}" for r in results))
     print(f"the stages of digit-5.jpg are drawn in {steps}")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Try:  ocula predict {model.path} {SAMPLES}")
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Try:  ocula predict {DIGIT_MODEL} {SAMPLES}")
+    print("The app:  ocula serve   then open http://127.0.0.1:8000/ (a photo, an upload or a digit drawn by hand)")
     return {name: m.summary for name, m in models.items()}
