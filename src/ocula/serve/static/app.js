@@ -78,12 +78,17 @@ async function predict(blob, source, pictureUrl) {
   else if (body.task === "segment") showMask(answer, body, pictureUrl);
   else if (body.task === "detect") showBoxes(answer, body, pictureUrl);
   else answer.append(el("pre", {}, JSON.stringify(body, null, 2)));
+  $("answer-panel").scrollIntoView({ block: "nearest" });  // on a phone the answer is below the inputs
 }
 
 function showClass(answer, body) {
   const top = Object.entries(body.probabilities).sort((a, b) => b[1] - a[1]);
-  const rows = top.map(([name, p]) => [name, p.toFixed(3),
-    el("span", { class: "bar", style: `width:${Math.round(p * 120)}px`, "aria-hidden": "true" })]);
+  const bar = (p) => {  // sized through the CSSOM: the page's Content-Security-Policy forbids style attributes
+    const span = el("span", { class: "bar", "aria-hidden": "true" });
+    span.style.width = `${Math.round(p * 120)}px`;
+    return span;
+  };
+  const rows = top.map(([name, p]) => [name, p.toFixed(3), bar(p)]);
   const verdict = el("div", {}, el("p", { class: "label", id: "label" }, body.class),
     el("p", {}, `probability ${body.probability.toFixed(3)}`), table(["class", "probability", ""], rows));
   const stages = el("div", { class: "stages" }, ...(body.stages || []).map((s) =>

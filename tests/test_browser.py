@@ -1,0 +1,105 @@
+"""The page in a real browser (Debian's chromium + chromium-driver through selenium): it uploads a digit photo,
+draws a digit on the canvas and reads both answers from the page, keeping a screenshot of each as an artifact in
+runs/test-artifacts/ (or $OCULA_TEST_ARTIFACTS). Skips with the reason when the browser is not installed."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import ocula
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+SAMPLES = Path(ocula.__file__).parent / "samples"
+ARTIFACTS = Path(os.environ.get("OCULA_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """`ocula serve` with the bundled digit model, on 127.0.0.1 in a thread, as the CLI starts it."""
+    import uvicorn
+
+    from ocula.serve.app import create_app
+    from ocula.serve.models import load_served
+    from ocula.weights import DIGIT_MODEL
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(load_served([DIGIT_MODEL])), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1200"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    yield driver
+    driver.quit()
+
+
+def answer_of(browser, source: str, seconds: float = 20) -> str:
+    """The label the page shows once it has answered for `source` ('photo' or 'drawing')."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(driver):
+        error = driver.find_element(By.ID, "error")
+        if error.is_displayed():
+            raise AssertionError(f"the page shows an error: {error.text}")
+        answer = driver.find_element(By.ID, "answer")
+        labels = answer.find_elements(By.ID, "label")
+        return labels[0].text if labels and answer.get_attribute("data-source") == source else False
+
+    return WebDriverWait(browser, seconds).until(shown)
+
+
+def test_the_page_reads_an_uploaded_photo_and_a_drawn_digit(browser, server_url):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.get(server_url)
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / "digit-4.jpg"))
+    assert answer_of(browser, "photo") == "4"
+    stages = browser.find_elements(By.CSS_SELECTOR, "#answer .stages img")
+    assert len(stages) >= 5 and all(img.get_attribute("naturalWidth") != "0" for img in stages)
+    browser.save_screenshot(str(ARTIFACTS / "page-photo.png"))
+
+    pad = browser.find_element(By.ID, "pad")
+    size = pad.size["height"]
+    # A "7": the bar left to right, then the stroke down to the bottom left (offsets from the pad's centre).
+    (ActionChains(browser).move_to_element_with_offset(pad, -size // 4, -size // 3).click_and_hold()
+     .move_by_offset(size // 2, 0).move_by_offset(-size // 6, size // 3).move_by_offset(-size // 8, size // 3)
+     .release().perform())
+    browser.find_element(By.ID, "pad-read").click()
+    assert answer_of(browser, "drawing") == "7"
+    browser.save_screenshot(str(ARTIFACTS / "page-drawing.png"))
+
+    browser.set_window_size(390, 844)  # a phone: everything fits the width, nothing scrolls sideways
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.save_screenshot(str(ARTIFACTS / "page-phone.png"))
