@@ -9,7 +9,7 @@ $(BIN)/ocula: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU wheel. Any looser spec would pull the multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,coreml,serve]"
+	$(BIN)/pip install -q -e ".[test,coreml,serve,index]"
 	touch $@
 
 install: $(BIN)/ocula

@@ -161,6 +161,14 @@ def _fmt(v) -> str:
     return f"{v:g}"
 
 
+def cmd_embed(args):
+    from ocula.tasks.embed import embed_data
+
+    print(embed_data(args.model, args.data, args.out, split=args.split, device=args.device,
+                     batch_size=args.batch_size, normalize=args.normalize, rule=args.rule, k=args.k,
+                     data_dir=args.data_dir))
+
+
 def cmd_demo(args):
     from ocula.demo import run_demo
 
@@ -299,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model file or backbone name (resnet18, ...)")
     c.add_argument("--size", type=int, default=224, help="input size for a backbone name")
     c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
+
+    c = command("embed", cmd_embed, "penultimate-layer embeddings of a dataset split: a vector file "
+                "(safetensors: vectors, labels, ids), or with --out X.ocula a nearest-neighbour recogniser over them")
+    c.add_argument("model", help="a network classifier's model file")
+    c.add_argument("data", help="registered dataset name or a folder of class folders")
+    c.add_argument("--out", required=True, help="vectors.safetensors, or gallery.ocula for a recogniser")
+    c.add_argument("--split", default="train")
+    c.add_argument("--normalize", action="store_true", help="unit-length vectors (a recogniser always is)")
+    c.add_argument("--rule", default="1nn", choices=["1nn", "knn", "map"], help="a recogniser's decision rule")
+    c.add_argument("--k", type=int, default=5, help="neighbours voting under --rule knn")
+    c.add_argument("--batch-size", type=int, default=256)
+    device(c)
+    data_dir(c)
 
     c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
     c.add_argument("--runs-dir", default=str(RUNS))

@@ -104,6 +104,10 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
 
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the final linear layer sees: the image's embedding [N, widths[-1]]."""
+        return self.head[:2](self.features(self.normalize(x)))
+
 
 class BackboneClassifier(nn.Module):
     """A named backbone (resnet18, mobilenet_v2, ...) as a classifier of images in their native value range.
@@ -126,3 +130,14 @@ class BackboneClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone's final linear layer sees (its heads differ: fc, classifier[-1]): the embedding."""
+        last = [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+        seen = []
+        hook = last.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            self.net(self.normalize(x))
+        finally:
+            hook.remove()
+        return seen[0]

@@ -21,7 +21,9 @@ import importlib
 from ocula.errors import OculaError
 
 # classify, segment, detect; the segmentation task lives beside `segment`, which holds its losses and metrics.
-TASKS = {"classify": "ocula.tasks.classify", "segment": "ocula.tasks.segment_train", "detect": "ocula.tasks.detect"}
+# recognize: nearest neighbours over a gallery of embeddings (ocula.index).
+TASKS = {"classify": "ocula.tasks.classify", "segment": "ocula.tasks.segment_train", "detect": "ocula.tasks.detect",
+         "recognize": "ocula.tasks.recognize"}
 
 
 def get_task(name: str):

@@ -1,0 +1,87 @@
+"""Recognition by nearest neighbours: the task protocol (see `ocula.tasks`) for a gallery recogniser, an
+embedding network plus labelled reference images (`ocula.index.recognizer`). New classes need no training: embed
+their images into the gallery. Its output reads like a classifier's, so prediction, evaluation and export are
+the classification task's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ocula.data.classification import ImageSet
+from ocula.engine.trainer import TrainConfig
+from ocula.errors import OculaError
+from ocula.index.recognizer import RULES, GalleryRecognizer
+from ocula.modelfile import ModelInfo
+from ocula.tasks.classify import evaluate, export, load_data, predict, show, write_evaluation
+from ocula.tasks.embed import embed
+
+MODELS = RULES
+OPTIONS = dict(embedder=None, k=5, normalize=True)
+
+
+def default_config(model_name: str, **overrides) -> TrainConfig:
+    if model_name not in MODELS:
+        raise OculaError(f"unknown recognition rule {model_name!r}; choose one of {', '.join(MODELS)}")
+    return TrainConfig(**overrides)
+
+
+def build_recognizer(embedder, gallery: ImageSet, rule: str = "1nn", *, k: int = 5, normalize: bool = True,
+                     batch_size: int = 256) -> GalleryRecognizer:
+    """A recogniser whose references are `gallery`'s images, embedded by `embedder` (a loaded model)."""
+    from ocula.engine.device import device_of
+    from ocula.index import build_index
+
+    if rule not in RULES:
+        raise OculaError(f"unknown recognition rule {rule!r}; choose one of {', '.join(RULES)}")
+    vectors = embed(embedder, gallery.images, batch_size=batch_size, normalize=normalize)
+    info = embedder.info
+    model = GalleryRecognizer(embedder={"arch": info.arch, "args": info.args}, size=len(vectors),
+                              dim=vectors.shape[1], num_classes=len(gallery.classes), rule=rule, k=k,
+                              normalize=normalize, temperature=_temperature(vectors, build_index))
+    model.embedder.load_state_dict(embedder.state_dict())
+    model.gallery.copy_(torch.from_numpy(vectors))
+    model.labels.copy_(torch.from_numpy(gallery.labels.astype(np.int64)))
+    model.to(device_of(embedder)).eval()
+    args = {"embedder": {"arch": info.arch, "args": info.args}, "size": len(vectors), "dim": vectors.shape[1],
+            "num_classes": len(gallery.classes), "rule": rule, "k": k, "normalize": normalize,
+            "temperature": model.temperature}
+    model.info = ModelInfo(task="recognize", arch="gallery-recognizer", args=args, classes=list(gallery.classes),
+                           preprocess={**info.preprocess, "scores": "votes", "dataset": gallery.name},
+                           extra={"embedder_dataset": info.preprocess.get("dataset")})
+    return model
+
+
+def _temperature(vectors: np.ndarray, build_index) -> float:
+    """Median squared distance from a reference to its nearest other reference: the scale of 'near'."""
+    if len(vectors) < 2:
+        return 1.0
+    d = build_index(vectors, "brute").search(vectors, k=2)[0][:, 1]
+    return float(max(np.median(d), 1e-6))
+
+
+def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
+          progress: bool = True, embedder: str | None = None, k: int = 5, normalize: bool = True):
+    """'Training' is embedding the train split as the gallery; scored on the test split when there is one."""
+    from ocula.data.layout import splits
+    from ocula.modelfile import load_model
+
+    if not embedder:
+        raise OculaError("recognition needs an embedder: a classifier model file (option embedder)")
+    model = build_recognizer(load_model(embedder, device=config.device or "cpu"),
+                             load_data(data, "train", data_dir), model_name, k=k, normalize=normalize)
+    model.info.preprocess["dataset"] = data
+    summary = {}
+    if "test" in splits(data, data_dir):
+        size = tuple(model.info.preprocess["input_size"])
+        summary["test_accuracy"] = write_evaluation(model, load_data(data, "test", data_dir, size), run_dir,
+                                                    prefix="test-")["accuracy"]
+    model.info.metrics = dict(summary)
+    return model, summary
+
+
+__all__ = ["MODELS", "OPTIONS", "build_recognizer", "default_config", "evaluate", "export", "load_data", "predict",
+           "show", "train"]
