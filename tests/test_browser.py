@@ -1,6 +1,7 @@
 """The page in a real browser (Debian's chromium + chromium-driver through selenium): it uploads a digit photo,
-draws a digit on the canvas and reads both answers from the page, keeping a screenshot of each as an artifact in
-runs/test-artifacts/ (or $OCULA_TEST_ARTIFACTS). Skips with the reason when the browser is not installed."""
+draws a digit on the canvas and reads both answers from the page, and lays a segmenter's mask exactly over a smear,
+keeping a screenshot of each as an artifact in runs/test-artifacts/ (or $OCULA_TEST_ARTIFACTS). Skips with the
+reason when the browser is not installed."""
 
 import os
 import shutil
@@ -28,8 +29,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    """`ocula serve` with the bundled digit model, on 127.0.0.1 in a thread, as the CLI starts it."""
+def smears(tmp_path_factory) -> Path:
+    """A folder of synthetic smears and a tiny segmenter trained on it (smears/segment.ocula)."""
+    import shutil as sh
+
+    import synthetic
+
+    root = tmp_path_factory.mktemp("browser")
+    data = synthetic.mask_folder(root / "smears")
+    model = ocula.train(str(data), "unet", runs_dir=root / "runs", progress=False, threads=1, epochs=8,
+                        batch_size=4, lr=1e-2, crop=32, arch_args={"widths": [4, 8, 16]})
+    sh.copy(model.path, data / "segment.ocula")
+    return data
+
+
+@pytest.fixture(scope="module")
+def server_url(smears):
+    """`ocula serve` with the bundled digit model and the tiny segmenter, on 127.0.0.1 in a thread."""
     import uvicorn
 
     from ocula.serve.app import create_app
@@ -37,8 +53,8 @@ def server_url():
     from ocula.weights import DIGIT_MODEL
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(load_served([DIGIT_MODEL])), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    app = create_app(load_served([DIGIT_MODEL, smears / "segment.ocula"]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -64,6 +80,7 @@ def browser():
 
 def answer_of(browser, source: str, seconds: float = 20) -> str:
     """The label the page shows once it has answered for `source` ('photo' or 'drawing')."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -75,7 +92,8 @@ def answer_of(browser, source: str, seconds: float = 20) -> str:
         labels = answer.find_elements(By.ID, "label")
         return labels[0].text if labels and answer.get_attribute("data-source") == source else False
 
-    return WebDriverWait(browser, seconds).until(shown)
+    # The page replaces the previous answer when the next one arrives, which can stale an element just found.
+    return WebDriverWait(browser, seconds, ignored_exceptions=[StaleElementReferenceException]).until(shown)
 
 
 def test_the_page_reads_an_uploaded_photo_and_a_drawn_digit(browser, server_url):
@@ -103,3 +121,20 @@ def test_the_page_reads_an_uploaded_photo_and_a_drawn_digit(browser, server_url)
     browser.set_window_size(390, 844)  # a phone: everything fits the width, nothing scrolls sideways
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.save_screenshot(str(ARTIFACTS / "page-phone.png"))
+
+
+def test_the_page_lays_the_mask_over_a_smear(browser, server_url, smears):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(1000, 1200)
+    browser.get(server_url)
+    Select(browser.find_element(By.ID, "model")).select_by_value("segment")
+    assert not browser.find_element(By.ID, "draw-panel").is_displayed()  # no drawing pad for smears
+    browser.find_element(By.ID, "file").send_keys(str(smears / "images" / "s0.png"))
+    assert answer_of(browser, "photo").endswith(("cell", "cells"))
+    picture, mask = browser.find_elements(By.CSS_SELECTOR, "#answer .picture img")
+    assert mask.get_attribute("alt") == "the predicted mask"
+    assert (mask.rect["x"], mask.rect["y"], mask.size) == (picture.rect["x"], picture.rect["y"], picture.size)
+    assert browser.find_elements(By.CSS_SELECTOR, "#answer table")  # the counts and the cell table
+    browser.save_screenshot(str(ARTIFACTS / "page-smear.png"))

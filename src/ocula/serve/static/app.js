@@ -97,6 +97,10 @@ function showClass(answer, body) {
     el("div", {}, el("h3", {}, "How the image was prepared"), stages)));
 }
 
+function plural(n, noun) {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 function countsTable(counts) {
   return table(["class", "count"], Object.entries(counts).map(([k, v]) => [k, String(v)]));
 }
@@ -107,8 +111,8 @@ function showMask(answer, body, pictureUrl) {
     el("img", { src: body.mask_png, alt: "the predicted mask", class: "overlay" }));
   const columns = body.cells.length ? Object.keys(body.cells[0]) : ["id"];
   const cells = body.cells.slice(0, 200).map((c) => columns.map((k) => String(c[k])));
-  answer.append(el("div", { class: "results" }, picture,
-    el("div", {}, el("p", { class: "label", id: "label" }, `${body.count} cells`),
+  answer.append(el("div", { class: "results wide" }, picture,
+    el("div", {}, el("p", { class: "label", id: "label" }, plural(body.count, "cell")),
       el("p", {}, `foreground ${(body.foreground * 100).toFixed(1)}% of the image`), countsTable(body.counts),
       el("div", { class: "scroll" }, table(columns, cells)))));
 }
@@ -132,8 +136,8 @@ function showBoxes(answer, body, pictureUrl) {
   };
   image.src = pictureUrl;
   const total = Object.values(body.counts).reduce((a, b) => a + b, 0);
-  answer.append(el("div", { class: "results" }, el("div", { class: "picture" }, canvas),
-    el("div", {}, el("p", { class: "label", id: "label" }, `${total} objects`), countsTable(body.counts))));
+  answer.append(el("div", { class: "results wide" }, el("div", { class: "picture" }, canvas),
+    el("div", {}, el("p", { class: "label", id: "label" }, plural(total, "object")), countsTable(body.counts))));
 }
 
 function sendFile(file) {
