@@ -107,8 +107,10 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
 
     `config` reruns a run from its config.json (explicit arguments win); `resume` continues the run in
     runs/<task>/<name>/ from its last.ocula, optionally with other runtime settings (threads, device, compile)
-    or more epochs."""
+    or more epochs. Under torchrun every rank trains its slice of each batch and only rank 0 writes the run folder
+    (the other ranks write to a private temporary folder that is removed afterwards)."""
     from ocula.data.layout import resolve_task
+    from ocula.engine import distributed
     from ocula.engine.trainer import RUNTIME, TrainConfig
     from ocula.modelfile import save_model
     from ocula.tasks import get_task
@@ -127,7 +129,7 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
         saved = _read_config(run_dir / "config.json")
         model = model or saved["model"]
         settings = _resumed_settings(saved, run_dir, data, model, settings, RUNTIME)
-    elif run_dir.exists():
+    elif run_dir.exists() and distributed.is_main():
         if not overwrite:
             raise OculaError("run folder exists; pass resume to continue it, overwrite to replace it, or a new "
                              "name", run_dir)
@@ -140,6 +142,8 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
                          f"{', '.join(sorted(train_names))}; {task_name} options: {', '.join(task.OPTIONS)}")
     train_config = task.default_config(model, **{k: v for k, v in settings.items() if k in train_names})
     options = {**task.OPTIONS, **{k: v for k, v in settings.items() if k in task.OPTIONS}}
+    if not distributed.is_main():
+        return _train_rank(task, data, model, train_config, run_dir, data_dir, resume, options)
     write_json(run_dir / "config.json", {"task": task_name, "data": data, "model": model,
                                          "train": asdict(train_config), "options": options})
     start = time.perf_counter()
@@ -152,6 +156,16 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
                "model_file": str(run_dir / "model.ocula")}
     write_json(run_dir / "summary.json", summary)
     return Model(module, path=run_dir / "model.ocula", run_dir=run_dir, summary=summary)
+
+
+def _train_rank(task, data, model, config, run_dir: Path, data_dir, resume: bool, options: dict) -> Model:
+    """A rank other than 0: the same training in a private folder (resuming from rank 0's checkpoint)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ocula-rank-") as work:
+        module, summary = task.train(data, model, config, run_dir=Path(work), data_dir=data_dir,
+                                     resume=resume and run_dir / "last.ocula", progress=False, **options)
+    return Model(module, summary=summary)
 
 
 def show_data(data: str, *, split: str | None = None, n: int = 32, out: str | Path | None = None,

@@ -65,9 +65,9 @@ def cmd_data_convert(args):
 
 # --- train / evaluate / export / predict: thin dispatches over ocula.api ---------------------------------------
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing",
-                  "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile",
+                  "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
-                  "val_fraction", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
+                  "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
                   "input_size")
 
 
@@ -77,14 +77,21 @@ def cmd_train(args):
     if not (args.dataset or args.config):
         raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    from ocula.engine import distributed
+
     model = ocula.train(args.dataset, args.model, config=args.config, name=args.name, runs_dir=args.runs_dir,
                         resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
                         progress=not args.quiet, **settings)
-    print(json.dumps(model.summary))
+    if distributed.is_main():
+        print(json.dumps(model.summary))
 
 
 def cmd_evaluate(args):
     import ocula
+    from ocula.engine import distributed
+
+    if not distributed.is_main():  # evaluation is not sharded: under torchrun, rank 0 scores the whole split
+        return 0
 
     model = ocula.load(args.model, device=args.device)
     out = Path(args.out or Path(args.model).parent / f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}")
@@ -103,11 +110,17 @@ def cmd_export(args):
 def cmd_predict(args):
     import ocula
     from ocula.data.images import list_images
+    from ocula.engine import distributed
+    from ocula.engine.device import resolve_device
 
-    model = ocula.load(args.model, device=args.device)
+    model = ocula.load(args.model, device=distributed.setup(resolve_device(args.device)))
     files = []
     for item in args.inputs:
         files += list_images(item) if Path(item).is_dir() else [Path(item)]
+    single = len(files) == 1
+    # A job-array task takes its --shard; torchrun ranks split the files and rank 0 prints the merged result.
+    index, count = args.shard or (distributed.rank(), distributed.world_size())
+    files = distributed.shard(files, index, count)
     options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh")
                if getattr(args, k) is not None}
     out, failed = [], 0
@@ -116,7 +129,7 @@ def cmd_predict(args):
             r = model.predict(f, **options)[0]
             saved = r.save(Path(args.out), f.stem) if args.out else {}
         except OculaError as e:
-            if len(files) == 1:
+            if single:
                 raise
             failed += 1
             out.append({"file": str(f), "error": str(e)})
@@ -125,8 +138,12 @@ def cmd_predict(args):
         out.append({**r.to_json(), **saved})
         if not args.json:
             print(r.describe() + ("; " + ", ".join(saved.values()) if saved else ""))
+    parts = distributed.gather((out, failed)) if not args.shard else [(out, failed)]
+    if not distributed.is_main() and not args.shard:
+        return 0
+    out, failed = [r for part, _ in parts for r in part], sum(f for _, f in parts)
     if args.json:
-        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        print(json.dumps(out[0] if single else out, indent=2))
     return 1 if failed else 0
 
 
@@ -152,6 +169,16 @@ def cmd_inspect_rf(args):
         i, j = args.cell
         print(f"feature cell ({i}, {j}) of {rows[-1].name} sees image box (x0, y0, x1, y1) = "
               f"{tuple(round(v, 1) for v in feature_cell_box(rows[-1], i, j))}")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard index must be in 0..{count - 1}, got {index}")
+    return index, count
 
 
 def _fmt(v) -> str:
@@ -252,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
                    "no val split (default 0.1)")
+    c.add_argument("--widths", type=int, nargs="+", help="classify: the cnn's stage widths (default 32 64 128)")
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
@@ -268,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision (default: on for segmentation and FCOS, off for classification)")
     c.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     c.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile")
+    c.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="under torchrun: batch-norm statistics over the global batch")
     c.add_argument("--resume", action="store_true", help="continue the run from its last.ocula")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--runs-dir", default=str(RUNS))
@@ -299,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
     c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")
+    c.add_argument("--shard", type=_shard, metavar="I/N", help="predict only the I-th of N equal parts of the "
+                   "inputs (a cluster job array); under torchrun the ranks split them by themselves")
     device(c)
 
     inspect = sub.add_parser("inspect", help="look inside models")
@@ -358,4 +390,8 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("ocula: interrupted", file=sys.stderr)
         code = 130
+    if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before it exits
+        from ocula.engine.distributed import cleanup
+
+        cleanup()
     sys.exit(code)

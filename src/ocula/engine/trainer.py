@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, \
     TerminateOnNaN
+from ocula.engine import distributed
 from ocula.engine.device import autocast, grad_scaler, resolve_device, runtime, to_device
 from ocula.errors import OculaError
 from ocula.modelfile import ModelInfo, read_model_file, save_model
@@ -43,6 +45,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over the global batch, not each rank's slice
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -93,12 +96,12 @@ class Trainer:
         self.model, self.config, self.info = model, config, info
         self.loss_fn, self.train_batches, self.evaluate_fn = loss_fn, train_batches, evaluate_fn
         self.run_dir = Path(run_dir) if run_dir else None
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.stop_reason: str | None = None
         self.failed = False
-        self.device = resolve_device(config.device)
+        self.device = distributed.setup(resolve_device(config.device))
         self.model = self.model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -106,7 +109,23 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
-        self._step_model = torch.compile(self.model) if config.compile else self.model
+        self._step_model = self._parallel(self.model)
+        self.flops_per_image: float | None = None  # counted on the run's first batch
+
+    def _parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training step calls: DistributedDataParallel under torchrun, compiled on request. The
+        plain `self.model` is what gets saved, so model files carry no wrapper prefixes."""
+        if distributed.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.config.sync_bn:
+                if self.device.type != "cuda":
+                    raise OculaError("sync_bn needs CUDA: torch's SyncBatchNorm runs on GPUs only")
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.model = model
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None)
+        return torch.compile(model) if self.config.compile else model
 
     def default_callbacks(self) -> list[Callback]:
         c = self.config
@@ -196,9 +215,11 @@ class Trainer:
             self.scheduler.T_max = total
 
     # --- the loop ----------------------------------------------------------------------------------------
-    def _train_epoch(self) -> float:
+    def _train_epoch(self) -> tuple[float, int]:
+        """One epoch; returns (mean loss, images seen by all ranks)."""
         c = self.config
-        torch.manual_seed(c.seed * 100_003 + self.epoch)
+        # The batch generator is the same on every rank (they slice one global batch); dropout differs per rank.
+        torch.manual_seed(c.seed * 100_003 + self.epoch + 7_919 * distributed.rank())
         g = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
         self.model.train()
         total, count = 0.0, 0
@@ -209,21 +230,15 @@ class Trainer:
             bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{c.epochs}", leave=False,
                        unit="batch")
         for x, y in self.train_batches(g):
-            x, y = to_device(x, self.device), to_device(y, self.device)
+            x, y = to_device(distributed.shard(x), self.device), to_device(distributed.shard(y), self.device)
             if c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, c.bf16):
-                loss = self.loss_fn(self._step_model, x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scheduler:
-                self.scheduler.step()
-            value = float(loss.detach())
-            total, count = total + value * len(y), count + len(y)
+            value, n = self._step(x, y)
+            total, count = total + value * n, count + n
             for cb in self.callbacks:
                 cb.on_batch_end(self, value)
+            if distributed.agree([float(self.stop_reason is not None)], self.device)[0] and not self.stop_reason:
+                self.stop("another rank stopped")  # e.g. its share of a wall-clock budget ran out first
             if bar:
                 bar.update()
                 bar.set_postfix(loss=f"{value:.4f}")
@@ -231,18 +246,42 @@ class Trainer:
                 break
         if bar:
             bar.close()
-        return total / max(count, 1)
+        return total / max(count, 1), count
 
-    def fit(self, resume: bool = False) -> list[dict]:
-        """Train until config.epochs (or a callback stops it); seeds and threads are restored afterwards."""
+    def _step(self, x, y) -> tuple[float, int]:
+        """One optimizer step; returns the loss averaged over the ranks' slices and the global batch size. The
+        first step of a run also counts its floating-point operations."""
+        counter = None
+        if self.flops_per_image is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+        with counter or nullcontext():
+            with autocast(self.device, self.config.bf16):
+                loss = self.loss_fn(self._step_model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        if counter:
+            self.flops_per_image = counter.get_total_flops() / max(len(y), 1)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler:
+            self.scheduler.step()
+        summed, n = distributed.agree([float(loss.detach()) * len(y), float(len(y))], self.device)
+        return summed / max(n, 1), int(n)
+
+    def fit(self, resume: bool | str | Path = False) -> list[dict]:
+        """Train until config.epochs (or a callback stops it); seeds and threads are restored afterwards.
+        `resume`: continue from the run folder's last.ocula, or from the checkpoint at this path."""
         with runtime(seed=self.config.seed, threads=self.config.threads, device=self.device):
             return self._fit(resume)
 
-    def _fit(self, resume: bool) -> list[dict]:
+    def _fit(self, resume: bool | str | Path) -> list[dict]:
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / "last.ocula" if self.run_dir else None
         if resume:
+            last = Path(resume) if isinstance(resume, (str, Path)) else last
             if not (last and last.is_file()):
                 raise OculaError("nothing to resume: no last.ocula", last or "run folder")
             self.load_last(last)
@@ -250,11 +289,13 @@ class Trainer:
             cb.on_train_begin(self)
         while self.epoch < self.config.epochs and not self.stop_reason:
             start = time.perf_counter()
-            loss = self._train_epoch()
+            loss, images = self._train_epoch()
             if self.failed:
                 break
+            seconds = time.perf_counter() - start
             logs = {"epoch": self.epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                    "train_seconds": time.perf_counter() - start}
+                    "train_seconds": seconds, **speed(images, seconds, self.flops_per_image, self.device,
+                                                      self.config.bf16)}
             if self.evaluate_fn:
                 self.model.eval()
                 with torch.no_grad():
@@ -272,3 +313,16 @@ class Trainer:
         if self.failed:
             raise OculaError(self.stop_reason)
         return self.history
+
+
+def speed(images: int, seconds: float, flops_per_image: float | None, device: torch.device, bf16: bool) -> dict:
+    """Images per second and the compute they took (FLOP/s of forward + backward), beside the matmul peak of this
+    machine in the training precision."""
+    from ocula.engine.peak import matmul_peak
+
+    out = {"images_per_second": images / seconds}
+    if flops_per_image:
+        achieved = flops_per_image * images / seconds / distributed.world_size()  # per process
+        peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+        out.update(tflops=achieved / 1e12, peak_fraction=achieved / peak)
+    return out

@@ -340,12 +340,14 @@ class DetectionBatches:
 
 
 def detector_loss(model, x, targets):
-    """Sum of the detector's training losses (FCOS: focal + GIoU + centerness; Faster R-CNN: RPN + box head)."""
-    if is_fcos(model):
+    """Sum of the detector's training losses (FCOS: focal + GIoU + centerness; Faster R-CNN: RPN + box head).
+    `model` may be wrapped (DistributedDataParallel): the detector inside decides which loss applies."""
+    detector = getattr(model, "module", model)
+    if is_fcos(detector):
         from ocula.models.detection.fcos import FCOSLoss
 
         ignore = torch.stack([t["ignore"] for t in targets])
-        return sum(FCOSLoss(num_classes=model.num_classes, **FCOS_LOSS)(model(x), targets, ignore).values())
+        return sum(FCOSLoss(num_classes=detector.num_classes, **FCOS_LOSS)(model(x), targets, ignore).values())
     losses = model(list(x.float() / 255.0), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
     return sum(losses.values())
 
