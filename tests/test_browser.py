@@ -138,3 +138,13 @@ def test_the_page_lays_the_mask_over_a_smear(browser, server_url, smears):
     assert (mask.rect["x"], mask.rect["y"], mask.size) == (picture.rect["x"], picture.rect["y"], picture.size)
     assert browser.find_elements(By.CSS_SELECTOR, "#answer table")  # the counts and the cell table
     browser.save_screenshot(str(ARTIFACTS / "page-smear.png"))
+
+
+def test_the_api_docs_render_without_the_internet(browser, server_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server_url}/docs")
+    paths = WebDriverWait(browser, 20).until(
+        lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")] or False)
+    assert "/v1/predict" in paths and "/v1/models" in paths

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -68,8 +69,9 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
         yield
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="ocula", summary="Predict with ocula models: labels, masks and cell counts, boxes.",
-                  version=_version(), lifespan=lifespan)
+    # FastAPIOffline serves the Swagger UI at /docs from files in its package; FastAPI's own pulls it from a CDN.
+    app = FastAPIOffline(title="ocula", summary="Predict with ocula models: labels, masks and cell counts, boxes.",
+                         version=_version(), lifespan=lifespan, redoc_url=None)
     app.state.executor = executor
     app.state.in_flight = 0  # touched only on the event loop
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -140,11 +142,12 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
 
 class SecurityHeaders:
     """Adds the page's policy to every response: it loads nothing from elsewhere, and the browser holds it to
-    that. A plain ASGI middleware: cheaper than Starlette's `@app.middleware("http")`, which re-streams every
-    response."""
+    that. The API docs page starts Swagger UI with an inline script, which only its own policy allows. A plain
+    ASGI middleware: cheaper than Starlette's `@app.middleware("http")`, which re-streams every response."""
 
-    HEADERS = [(b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' "
-                b"blob:; frame-ancestors 'none'"), (b"x-content-type-options", b"nosniff")]
+    POLICY = b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; frame-ancestors 'none'"
+    DOCS_POLICY = b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; " \
+                  b"img-src 'self' data:; frame-ancestors 'none'"
 
     def __init__(self, app):
         self.app = app
@@ -153,9 +156,12 @@ class SecurityHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        policy = self.DOCS_POLICY if scope["path"] == "/docs" else self.POLICY
+
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *self.HEADERS]
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", policy),
+                                      (b"x-content-type-options", b"nosniff")]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
