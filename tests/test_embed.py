@@ -84,3 +84,19 @@ def test_a_model_without_penultimate_features_gets_one_line(tmp_path):
     with pytest.raises(OculaError, match="not an ocula vector file"):
         (tmp_path / "v.safetensors").write_bytes(b"junk")
         load_vectors(tmp_path / "v.safetensors")
+
+
+def test_normalised_softmax_embedder_separates_the_classes(trained):
+    from ocula.data.classification import load_image_folder
+    from ocula.engine.trainer import TrainConfig
+    from ocula.index import build_index
+    from ocula.tasks.embed import embed
+    from ocula.tasks.recognize import train_embedder
+
+    data, _ = trained
+    train, test = load_image_folder(data, "train"), load_image_folder(data, "test")
+    model = train_embedder(train, TrainConfig(epochs=3, batch_size=9, threads=1), widths=(8, 16), progress=False)
+    assert model.info.arch == "cnn" and model.head[-1].in_features == 16
+    g, q = embed(model, train.images, normalize=True), embed(model, test.images, normalize=True)
+    nearest = train.labels[build_index(g, "brute").search(q, 1)[1][:, 0]]
+    assert (nearest == test.labels).mean() >= 0.8

@@ -18,6 +18,7 @@ from ocula.fileio import atomic_path
 
 FORMAT = "ocula-index"
 METRICS = ("l2", "cosine")
+BLOCK_FLOATS = 16_000_000  # query-by-reference distances held at once (64 MB of float32)
 
 
 def as_vectors(x, what: str, dim: int | None = None) -> np.ndarray:

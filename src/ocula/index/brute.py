@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ocula.index.base import Index
+from ocula.index.base import BLOCK_FLOATS, Index
 
-BLOCK_FLOATS = 16_000_000  # query-by-reference distances held at once (64 MB of float32)
 SPARE = 10  # extra candidates re-ranked by exact differences (the expansion loses digits on large norms)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ocula.errors import OculaError
-from ocula.index.base import PCA, as_vectors
+from ocula.index.base import BLOCK_FLOATS, PCA, as_vectors
 
 
 @dataclass
@@ -63,11 +63,13 @@ class ThreeWayDecisions:
 
     def predict(self, queries) -> Decisions:
         q = self.pca_(as_vectors(queries, "query vectors", self.dim_))
-        g, b = self.gallery_, self.bounds_
-        # The first granule for all queries at once: one matmul instead of a loop.
-        first = ((g[:, :b[1]] ** 2).sum(1)[None] - 2 * q[:, :b[1]] @ g[:, :b[1]].T
-                 + (q[:, :b[1]] ** 2).sum(1)[:, None])
-        out = [self._one(qi, np.maximum(fi, 0)) for qi, fi in zip(q, first)]
+        g, m = self.gallery_[:, :self.bounds_[1]], self.bounds_[1]
+        norms, out = (g * g).sum(1), []
+        block = max(1, BLOCK_FLOATS // len(g))
+        for i in range(0, len(q), block):  # the first granule for a block of queries: one matmul, not a loop
+            qb = q[i:i + block]
+            first = np.maximum(norms - 2 * qb[:, :m] @ g.T + (qb[:, :m] ** 2).sum(1)[:, None], 0)
+            out += [self._one(qi, fi) for qi, fi in zip(qb, first)]
         return Decisions(*(np.array(v) for v in zip(*out)))
 
     def _one(self, q: np.ndarray, dist: np.ndarray):

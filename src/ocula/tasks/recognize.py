@@ -55,6 +55,39 @@ def build_recognizer(embedder, gallery: ImageSet, rule: str = "1nn", *, k: int =
     return model
 
 
+def train_embedder(train: ImageSet, config: TrainConfig, *, scale: float = 16.0, widths=(32, 64, 128),
+                   augment: dict | None = None, run_dir: Path | None = None, progress: bool = True):
+    """A cnn trained with a normalised softmax (NormFace / cosine classifier): logits = scale * cos(feature,
+    class weight), so the penultimate features of one class gather around a direction, and unit embeddings of
+    classes never seen in training are compared by angle. The result is an ordinary 'cnn' classifier file."""
+    import torch.nn.functional as F
+
+    from ocula.engine.batches import ArrayBatches, random_affine
+    from ocula.engine.device import runtime
+    from ocula.engine.trainer import Trainer
+    from ocula.models import build
+    from ocula.tasks.classify import cnn_args, model_info, to_tensor
+
+    args = cnn_args(train, widths=list(widths))
+    with runtime(seed=config.seed):
+        model = build("cnn", **args)
+    info = model_info(train, "cnn", args)
+    params = augment or dict(shift=0.08, rotate=10, scale=0.1)
+
+    def loss_fn(m, x, y):
+        f = F.normalize(m.penultimate(x).float(), dim=1)
+        w = F.normalize(m.head[-1].weight, dim=1)
+        return F.cross_entropy(scale * f @ w.T, y, label_smoothing=config.label_smoothing)
+
+    batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels.astype(np.int64)),
+                           config.batch_size, augment=lambda x, g: random_affine(x, g, **params), drop_last=True)
+    trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, info=info, run_dir=run_dir,
+                      progress=progress)
+    trainer.fit()
+    trainer.model.info = info
+    return trainer.model.eval()
+
+
 def _temperature(vectors: np.ndarray, build_index) -> float:
     """Median squared distance from a reference to its nearest other reference: the scale of 'near'."""
     if len(vectors) < 2:
@@ -84,4 +117,4 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
 
 
 __all__ = ["MODELS", "OPTIONS", "build_recognizer", "default_config", "evaluate", "export", "load_data", "predict",
-           "show", "train"]
+           "show", "train", "train_embedder"]
