@@ -58,15 +58,19 @@ def grad_scaler(device: torch.device, enabled: bool):
     return torch.amp.GradScaler(device.type, enabled=needed)
 
 
-def to_device(obj, device: torch.device):
-    """Tensors, and tensors inside dicts, lists and tuples (detection targets), moved to `device`."""
+def map_tensors(obj, fn):
+    """`fn` applied to every tensor in `obj`, also inside dicts, lists and tuples (detection targets)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def to_device(obj, device: torch.device):
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
 @contextmanager

@@ -7,9 +7,9 @@ given the model, optimizer, scheduler and callback states stored in `last.ocula`
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, \
     TerminateOnNaN
 from ocula.engine import distributed
+from ocula.engine.batches import prefetch
 from ocula.engine.device import autocast, grad_scaler, resolve_device, runtime, to_device
 from ocula.errors import OculaError
 from ocula.modelfile import ModelInfo, read_model_file, save_model
@@ -229,7 +230,7 @@ class Trainer:
 
             bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{c.epochs}", leave=False,
                        unit="batch")
-        for x, y in self.train_batches(g):
+        for x, y in prefetch(self.train_batches(g), pin=self.device.type == "cuda"):
             x, y = to_device(distributed.shard(x), self.device), to_device(distributed.shard(y), self.device)
             if c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -249,26 +250,33 @@ class Trainer:
         return total / max(count, 1), count
 
     def _step(self, x, y) -> tuple[float, int]:
-        """One optimizer step; returns the loss averaged over the ranks' slices and the global batch size. The
-        first step of a run also counts its floating-point operations."""
-        counter = None
+        """One optimizer step; returns the loss averaged over the ranks' slices and the global batch size."""
         if self.flops_per_image is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-        with counter or nullcontext():
-            with autocast(self.device, self.config.bf16):
-                loss = self.loss_fn(self._step_model, x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-        if counter:
-            self.flops_per_image = counter.get_total_flops() / max(len(y), 1)
+            self.flops_per_image = self._count_flops(x, y)
+        with autocast(self.device, self.config.bf16):
+            loss = self.loss_fn(self._step_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler:
             self.scheduler.step()
         summed, n = distributed.agree([float(loss.detach()) * len(y), float(len(y))], self.device)
         return summed / max(n, 1), int(n)
+
+    def _count_flops(self, x, y) -> float:
+        """Floating-point operations of one training step (forward and backward) per image, counted on a copy
+        of the model: a counting pass must not move the weights, the batch-norm statistics or the RNG, and
+        counting the real step would change its kernels (a resumed run would then differ from a straight one)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = copy.deepcopy(self.model)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+            with autocast(self.device, self.config.bf16):
+                loss = self.loss_fn(model, x, y)
+            loss.backward()
+        return counter.get_total_flops() / max(len(y), 1)
 
     def fit(self, resume: bool | str | Path = False) -> list[dict]:
         """Train until config.epochs (or a callback stops it); seeds and threads are restored afterwards.
