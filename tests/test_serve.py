@@ -179,6 +179,8 @@ BAD = [
                                                   headers={"content-type": "application/json"}), 400),
     ("JSON without an image", lambda c: c.post("/v1/predict", json={"model": "segment"}), 400),
     ("an image that is not base64", lambda c: c.post("/v1/predict", json={"image": "%%%"}), 400),
+    ("a model name that is a list", lambda c: post_json(c, png(np.zeros((8, 8))), model=["segment"]), 404),
+    ("an option that is a list", lambda c: post_json(c, png(np.zeros((8, 8))), model="segment", min_area=[1]), 400),
     ("a body of another type", lambda c: c.post("/v1/predict", content=b"abc",
                                                 headers={"content-type": "text/plain"}), 415),
     ("an unknown path", lambda c: c.get("/v2/predict"), 404),

@@ -82,6 +82,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"])
 
     app.add_middleware(SecurityHeaders)
+
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
         return error(e.status, str(e), e.headers)
@@ -119,7 +120,7 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
     async def predict(request: Request):
         fields = await read_request(request, limits.max_bytes)
         name = fields.pop("model", None) or default
-        if name not in models:
+        if not isinstance(name, str) or name not in models:  # JSON may send any type
             raise ApiError(404, f"no model named {name!r}; this server has {', '.join(models)}")
         stages = str(fields.pop("stages", "true")).lower() not in ("false", "0", "no")
         data = fields.pop("image")
