@@ -16,7 +16,8 @@ import ocula
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SAMPLES = Path(ocula.__file__).parent / "samples"
-ARTIFACTS = Path(os.environ.get("OCULA_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("OCULA_TEST_ARTIFACTS",
+                               Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")

@@ -185,6 +185,12 @@ async def run_bounded(app: FastAPI, limits: Limits, work):
         raise ApiError(e.status, str(e)) from None
     except OculaError as e:  # the library's one-sentence errors are about the input (no ink, unknown option, ...)
         raise ApiError(400, str(e)) from None
+    except ValueError as e:
+        # A decodable image that a task's preprocessing cannot handle (an all-black photo for the digit recipe):
+        # the request's fault as far as the client can act on it; the log keeps the traceback for a fix.
+        log.warning("prediction failed on a decoded image", exc_info=True)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ApiError(422, f"the model cannot read this image ({reason})") from None
 
 
 async def read_request(request: Request, max_bytes: int) -> dict:

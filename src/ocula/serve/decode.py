@@ -50,6 +50,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(413, "the image is too large to decode (decompression-bomb guard)") from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object, which says nothing to a client
+        raise BadImage(400, f"the bytes start like a {kind} image but cannot be decoded as one") from None
+    except (OSError, SyntaxError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImage(400, f"corrupt or truncated {kind} image: {first}") from None

@@ -35,7 +35,8 @@ def main():
                             progress=False, **RECIPE)
     model.info.metrics.pop("train_seconds")  # the wall time differs from run to run; the checksum must not
     save_model(DIGIT_MODEL, model.module, model.info)
-    print(f"MNIST test accuracy {model.summary['test_accuracy']:.4f}, trained in {model.summary['train_seconds']:.0f} s")
+    summary = model.summary
+    print(f"MNIST test accuracy {summary['test_accuracy']:.4f}, trained in {summary['train_seconds']:.0f} s")
     print(ocula.load(DIGIT_MODEL, device="cpu").export("onnx"))
     for path in (DIGIT_MODEL, DIGIT_MODEL.with_suffix(".onnx")):
         print(f"sha256 {sha256(path)}  {path.name}")
