@@ -1,7 +1,8 @@
 """The page in a real browser (Debian's chromium + chromium-driver through selenium): it uploads a digit photo,
-draws a digit on the canvas and reads both answers from the page, and lays a segmenter's mask exactly over a smear,
-keeping a screenshot of each as an artifact in runs/test-artifacts/ (or $OCULA_TEST_ARTIFACTS). Skips with the
-reason when the browser is not installed."""
+draws a digit on the canvas and reads both answers from the page, lays a segmenter's mask exactly over a smear,
+reaches every control with the Tab key and renders the API docs without the internet. Screenshots of the answers
+are kept as artifacts in runs/test-artifacts/ (or $OCULA_TEST_ARTIFACTS). Skips with the reason when the browser
+is not installed."""
 
 import os
 import shutil
@@ -149,3 +150,16 @@ def test_the_api_docs_render_without_the_internet(browser, server_url):
     paths = WebDriverWait(browser, 20).until(
         lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")] or False)
     assert "/v1/predict" in paths and "/v1/models" in paths
+
+
+def test_every_control_is_reached_with_the_tab_key(browser, server_url):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server_url)
+    reached = []
+    for _ in range(10):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        reached.append(browser.execute_script("return document.activeElement.id"))
+    for control in ("model", "drop", "file", "camera-start", "pad-read", "pad-clear"):
+        assert control in reached, (control, reached)
