@@ -79,6 +79,8 @@ def prepare_digit(source, *, style: str = "digits", size: tuple[int, int] = (8, 
     kept = _keep_digit(binary)
     steps["kept strokes"] = kept
     ys, xs = np.nonzero(kept)
+    if not len(ys):  # an all-dark or a one-pixel-high picture leaves no stroke to read
+        raise OculaError("no digit strokes found in the image", path)
     crop = (ink * kept)[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     square = _pad_square(crop)
     steps["crop, square"] = square
