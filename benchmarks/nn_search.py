@@ -1,6 +1,8 @@
 """Nearest-neighbour search and recognition with ocula.index, recorded in RESULTS.md.
 
     python benchmarks/nn_search.py ann     # ann-benchmarks' fashion-mnist-784-euclidean: recall@10 vs QPS
+    python benchmarks/nn_search.py twd       # TWD vs brute force, 60k Fashion-MNIST references (pixels or
+                                             # --vectors from ocula embed)
     python benchmarks/nn_search.py omniglot  # embeddings trained on background set 1 only: the 20 one-shot
                                              # runs, then many-class recognition on background set 2 (TWD etc.)
 
@@ -206,15 +208,13 @@ def k_shot(labels: np.ndarray, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return ref, np.setdiff1d(np.arange(len(labels)), ref)
 
 
-def choose_thresholds(vectors: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
-    """TWD's delta and the ratio baseline's threshold on the training characters: the most pruning whose error
-    stays within 0.5 points of brute-force 1-NN there, at m = 32."""
+def choose_thresholds(g, gl, q, ql, m: int = 32) -> tuple[float, float]:
+    """TWD's delta and the ratio baseline's threshold on held-out data (never the test queries): the most pruning
+    whose error stays within 0.5 points of brute-force 1-NN there."""
     from ocula.index.twd import ThreeWayDecisions
 
-    ref, query = k_shot(labels, k, np.random.default_rng(1))
-    g, gl, q, ql = vectors[ref], labels[ref], vectors[query], labels[query]
     exact = float((gl[build_index(g, "brute").search(q, 1)[1][:, 0]] != ql).mean())
-    ok = lambda rule, **p: float((ThreeWayDecisions(m=32, rule=rule, **p).fit(g, gl).predict(q).labels != ql).mean()) <= exact + 0.005
+    ok = lambda rule, **p: float((ThreeWayDecisions(m=m, rule=rule, **p).fit(g, gl).predict(q).labels != ql).mean()) <= exact + 0.005
     delta = next(d for d in (1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 1e9) if ok("twd", delta=d))
     ratio = next(r for r in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 1e-9) if ok("ratio", ratio=r))
     return delta, ratio
@@ -238,42 +238,88 @@ def many_class(vec, background, args) -> list[str]:
            "these queries.", ""]
     rows = []
     for k in args.k:
-        delta, ratio = choose_thresholds(seen, background.labels, k)
+        ref, query = k_shot(background.labels, k, np.random.default_rng(1))
+        delta, ratio = choose_thresholds(seen[ref], background.labels[ref], seen[query], background.labels[query])
         ref, query = k_shot(data.labels, k, rng)
         g, gl, q, ql = vectors[ref], data.labels[ref], vectors[query], data.labels[query]
         brute_terms = g.size
 
-        def row(name, predict, batched=False, terms=None):
-            seconds, labels = timed(predict)
-            rows.append([k, len(g), name, f"{100 * float((labels != ql).mean()):.2f}",
-                         f"{1000 * seconds / len(q):.3f}" + (" (batch)" if batched else ""),
-                         f"{brute_terms / terms:.1f}x" if terms else ""])
+        compare(rows, k, g, gl, q, ql, delta, ratio, softmax=True,
+                backends=(("kdtree", {}), ("balltree", {}), ("kdforest", {}), ("hnswlib", {}), ("faiss-hnsw", {}),
+                          ("faiss-ivf", {"nlist": 32})))
+    return out + [markdown_table(TABLE, rows)]
 
-        softmax = LogisticRegression(max_iter=2000, C=10).fit(g, gl)
-        row("softmax regression", lambda: softmax.predict(q), batched=True)
-        brute = build_index(g, "brute")
-        row("brute-force 1-NN", lambda: gl[brute.search(q, 1)[1][:, 0]], batched=True)
-        row("brute-force 1-NN, one query per call",
-            lambda: gl[np.concatenate([brute.search(x[None], 1)[1][:, 0] for x in q])])
-        pca = build_index(g, "brute", pca=64)
-        row("PCA-64 1-NN", lambda: gl[pca.search(q, 1)[1][:, 0]], batched=True)
-        for backend, params in (("kdtree", {}), ("balltree", {}), ("kdforest", {}), ("hnswlib", {}),
-                                ("faiss-hnsw", {}), ("faiss-ivf", {"nlist": 32})):
-            index = build_index(g, backend, **params)
-            row(f"{backend} 1-NN", lambda: gl[index.search(q, 1)[1][:, 0]], batched=True)
-        for m in (32, 64):
-            twd = ThreeWayDecisions(m=m, delta=delta).fit(g, gl)
-            row(f"TWD m={m}, delta={delta}", lambda: twd.predict(q).labels, terms=twd.predict(q).terms.mean())
-        baseline = ThreeWayDecisions(m=32, rule="ratio", ratio=ratio).fit(g, gl)
-        row(f"distance ratio m=32, ratio={ratio}", lambda: baseline.predict(q).labels,
-            terms=baseline.predict(q).terms.mean())
-    return out + [markdown_table(["k", "references", "classifier", "error %", "ms / query", "fewer distance terms "
-                                  "than brute force"], rows)]
+
+TABLE = ["k", "references", "classifier", "error %", "ms / query", "fewer distance terms than brute force"]
+
+
+def compare(rows: list, k, g, gl, q, ql, delta: float, ratio: float, *, softmax: bool, backends=(),
+            per_call: int | None = None) -> None:
+    """Error and time per query of each classifier over the gallery (g, gl) for the queries (q, ql)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ocula.index.twd import ThreeWayDecisions
+
+    def row(name, predict, batched=False, terms=None, n=len(q)):
+        seconds, labels = timed(predict)
+        rows.append([k, len(g), name, f"{100 * float((labels != ql[:n]).mean()):.2f}",
+                     f"{1000 * seconds / n:.3f}" + (" (batch)" if batched else ""),
+                     f"{g.size / terms:.1f}x" if terms else ""])
+
+    if softmax:
+        model = LogisticRegression(max_iter=2000, C=10).fit(g, gl)
+        row("softmax regression", lambda: model.predict(q), batched=True)
+    brute = build_index(g, "brute")
+    row("brute-force 1-NN", lambda: gl[brute.search(q, 1)[1][:, 0]], batched=True)
+    n = per_call or len(q)
+    row(f"brute-force 1-NN, one query per call{f' (first {n})' if n < len(q) else ''}",
+        lambda: gl[np.concatenate([brute.search(x[None], 1)[1][:, 0] for x in q[:n]])], n=n)
+    pca = build_index(g, "brute", pca=64)
+    row("PCA-64 1-NN", lambda: gl[pca.search(q, 1)[1][:, 0]], batched=True, terms=len(g) * 64)
+    for backend, params in backends:
+        index = build_index(g, backend, **params)
+        row(f"{backend} 1-NN", lambda: gl[index.search(q, 1)[1][:, 0]], batched=True)
+    for m in (32, 64):
+        twd = ThreeWayDecisions(m=m, delta=delta).fit(g, gl)
+        row(f"TWD m={m}, delta={delta}", lambda: twd.predict(q).labels, terms=twd.predict(q).terms.mean())
+    baseline = ThreeWayDecisions(m=32, rule="ratio", ratio=ratio).fit(g, gl)
+    row(f"distance ratio m=32, ratio={ratio}", lambda: baseline.predict(q).labels,
+        terms=baseline.predict(q).terms.mean())
+
+
+def twd(args) -> None:
+    """TWD against brute force on a large gallery: Fashion-MNIST, 60k training images as references, the 10k test
+    images as queries, raw pixels (784-d) or a vector file of embeddings (`ocula embed`). delta and the ratio
+    threshold are chosen with the last 10k training images as queries against the first 50k."""
+    from ocula.data.layout import open_dataset
+    from ocula.tasks.embed import load_vectors
+
+    train, test = open_dataset("fashion-mnist", "train"), open_dataset("fashion-mnist", "test")
+    if args.vectors:
+        (g, gl, _), (q, ql, _) = load_vectors(args.vectors[0]), load_vectors(args.vectors[1])
+        what = f"embeddings {args.vectors[0]} / {args.vectors[1]} ({g.shape[1]}-d)"
+    else:
+        g, q = (d.images.reshape(len(d), -1).astype(np.float32) for d in (train, test))
+        gl, ql = train.labels, test.labels
+        what = "raw pixels (784-d)"
+    import torch
+
+    torch.set_num_threads(1)
+    delta, ratio = choose_thresholds(g[:50_000], gl[:50_000], g[50_000:52_000], gl[50_000:52_000])
+    rows = []
+    compare(rows, "all", g, gl, q, ql, delta, ratio, softmax=False, per_call=500)
+    body = (f"Fashion-MNIST {what}: 60,000 training images as references, the 10,000 test images as queries, "
+            f"one thread; load average {args.load_before:.2f} at start. delta and the ratio threshold were chosen "
+            "on the training split (2,000 of its last 10,000 images against the first 50,000), never on the test "
+            "queries.\n\n" + markdown_table(TABLE, rows))
+    record(f"TWD vs brute force: Fashion-MNIST {'embeddings' if args.vectors else 'pixels'}", body) if args.record \
+        else print(body)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("workload", choices=["ann", "omniglot"])
+    p.add_argument("workload", choices=["ann", "omniglot", "twd"])
+    p.add_argument("--vectors", nargs=2, metavar=("GALLERY", "QUERIES"), help="twd: vector files from ocula embed")
     p.add_argument("--epochs", type=int, default=20, help="omniglot: embedder training epochs")
     p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 256], help="omniglot: the embedder's cnn")
     p.add_argument("--retrain", action="store_true", help="omniglot: train the embedder even if its file exists")
@@ -283,7 +329,7 @@ def main() -> None:
     p.add_argument("--no-record", dest="record", action="store_false", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     args.load_before = load_average()
-    {"ann": ann, "omniglot": omniglot}[args.workload](args)
+    {"ann": ann, "omniglot": omniglot, "twd": twd}[args.workload](args)
 
 
 if __name__ == "__main__":
