@@ -44,7 +44,8 @@ class GalleryRecognizer(nn.Module):
         if self.rule == "knn":
             nearest = d.topk(min(self.k, len(g)), dim=1, largest=False).indices
             votes = torch.zeros(len(q), self.num_classes, device=q.device)
-            return votes.scatter_add(1, self.labels[nearest], torch.ones_like(nearest, dtype=votes.dtype)) / nearest.shape[1]
+            ones = torch.ones_like(nearest, dtype=votes.dtype)
+            return votes.scatter_add(1, self.labels[nearest], ones) / nearest.shape[1]
         if self.rule == "1nn":
             rho = torch.full((len(q), self.num_classes), float("inf"), device=q.device)
             return (-rho.scatter_reduce(1, labels, d, "amin") / self.temperature).softmax(1)
