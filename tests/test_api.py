@@ -168,3 +168,13 @@ def test_show_draws_a_sheet_of_any_folder(task, tmp_path):
     path = show_data(make_data(task, tmp_path / "data"), n=4, out=tmp_path / "sheet.png")
     with Image.open(path) as sheet:
         assert sheet.width > 100 and len(set(np.asarray(sheet.convert("L")).ravel())) > 8  # drawn, not blank
+
+
+def test_class_folders_also_train_a_nearest_neighbour_recogniser(tmp_path):
+    data = make_data("classify", tmp_path / "data")
+    embedder = ocula.train(data, "cnn", runs_dir=tmp_path, progress=False, threads=1, epochs=3, widths=[8, 16])
+    recogniser = ocula.train(data, "1nn", runs_dir=tmp_path, progress=False, embedder=str(embedder.path))
+    assert recogniser.info.task == "recognize" and recogniser.run_dir.parent.name == "recognize"
+    assert recogniser.summary["test_accuracy"] > 0.9  # the three looks are far apart in any trained embedding
+    files = sorted(Path(data, "test", "striped").glob("*.png"))[:3]
+    assert [r.name for r in ocula.load(recogniser.path).predict(files)] == ["striped"] * 3

@@ -122,7 +122,7 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
     if data is None:
         raise OculaError("train needs a dataset name or folder (or a config)")
     data = str(data)
-    task_name = resolve_task(data, data_dir)
+    task_name = _task_for(resolve_task(data, data_dir), model)
     task = get_task(task_name)
     run_dir = Path(runs_dir) / task_name / (name or f"{Path(data).name}-{model or task.MODELS[0]}")
     if resume:
@@ -156,6 +156,17 @@ def train(data: str | Path | None = None, model: str | None = None, *, config: s
                "model_file": str(run_dir / "model.ocula")}
     write_json(run_dir / "summary.json", summary)
     return Model(module, path=run_dir / "model.ocula", run_dir=run_dir, summary=summary)
+
+
+def _task_for(data_task: str, model: str | None) -> str:
+    """The data's task, or another task that reads the same data and trains `model` (class folders also feed
+    the nearest-neighbour recogniser: `ocula.train("cifar10", "1nn", embedder=...)`)."""
+    from ocula.tasks import TASKS, get_task
+
+    reads = get_task(data_task).load_data
+    if model is None or model in get_task(data_task).MODELS:
+        return data_task
+    return next((t for t in TASKS if model in get_task(t).MODELS and get_task(t).load_data is reads), data_task)
 
 
 def _train_rank(task, data, model, config, run_dir: Path, data_dir, resume: bool, options: dict) -> Model:

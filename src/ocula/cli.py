@@ -68,7 +68,7 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
                   "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
                   "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
-                  "input_size")
+                  "input_size", "embedder", "k")
 
 
 def cmd_train(args):
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
                    "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
     c.add_argument("--model", help="classify: cnn (default), svc, resnet18, ...; segment: unet (default), "
-                   "unet-seed; detect: fcos (default), faster-rcnn")
+                   "unet-seed; detect: fcos (default), faster-rcnn; class folders also: 1nn, knn, map (recognize by "
+                   "nearest neighbours, with --embedder)")
     c.add_argument("--config", help="rerun the run recorded in this config.json (other options override it)")
     c.add_argument("--name", help="run name (default DATASET-MODEL)")
     # Unset options keep the task's defaults (e.g. classify: 30 epochs, batch 128, lr 3e-3, one-cycle;
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
                    "no val split (default 0.1)")
     c.add_argument("--widths", type=int, nargs="+", help="classify: the cnn's stage widths (default 32 64 128)")
+    c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
+    c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
