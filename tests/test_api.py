@@ -64,6 +64,8 @@ def test_train_load_predict_evaluate_export(trained, tmp_path):
     by_path, by_array, by_batch = loaded.predict(files), loaded.predict(arrays), loaded.predict(batch)
     assert answers(by_path) == answers(by_array) == answers(by_batch)
     assert answers(loaded.predict(files[0])) == answers(by_path[:1])
+    opaque = np.dstack([arrays[0], np.full(arrays[0].shape[:2], 255, np.uint8)])  # RGBA with nothing see-through
+    assert answers(loaded.predict(opaque)) == answers(by_path[:1])
 
     metrics = loaded.evaluate(data, split="test" if task == "classify" else None, out=tmp_path / "eval")
     assert (tmp_path / "eval" / "eval.json").is_file()

@@ -148,8 +148,9 @@ def test_train_resume_and_rerun_from_the_command_line(tmp_path):
     out = run("train", data, "--epochs", "1", "--batch-size", "9", "--runs-dir", runs, "--quiet", "--threads", "1")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["task"] == "classify" and summary["model"] == "cnn" and 0 <= summary["test_accuracy"] <= 1
     run_dir = runs / "classify" / "photos-cnn"
+    assert summary["task"] == "classify" and summary["model"] == "cnn"
+    assert summary["test_accuracy"] == json.loads((run_dir / "test-eval.json").read_text())["accuracy"]
     out = run("train", data, "--epochs", "2", "--resume", "--runs-dir", runs, "--quiet", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 2  # one more epoch, not a restart
@@ -159,4 +160,6 @@ def test_train_resume_and_rerun_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["test_accuracy"] == json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
     out = run("evaluate", run_dir / "model.ocula", "--device", "cpu", "--out", tmp_path / "eval")
-    assert out.returncode == 0 and json.loads(out.stdout.splitlines()[0])["accuracy"] >= 0
+    assert out.returncode == 0, out.stderr
+    resumed = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+    assert json.loads(out.stdout.splitlines()[0])["accuracy"] == pytest.approx(resumed, abs=1e-4)  # printed rounded

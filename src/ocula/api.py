@@ -69,7 +69,8 @@ class Model:
         data = str(data or self.info.preprocess.get("dataset") or "")
         if not data:
             raise OculaError(f"{self.path or 'this model'} does not name the dataset it was trained on; pass one")
-        dataset = self.task.load_data(data, split or default_split(data, data_dir, only=given), data_dir)
+        dataset = (self.task.load_data(data, split, data_dir) if split else
+                   _default_dataset(self.task, data, data_dir, only=given))
         return self.task.evaluate(self.module, dataset, Path(out) if out else None)
 
     def export(self, format: str = "onnx", path: str | Path | None = None) -> str:
@@ -213,17 +214,19 @@ def _resumed_settings(saved: dict, run_dir: Path, data: str, model: str, given: 
     return {**recorded, **given}
 
 
-def default_split(data: str, data_dir=None, only: bool = False) -> str:
-    """The split to score a model on: test, else val, when it has labels (SigTuple's test smears have no masks);
-    with `only`, a dataset's single split (a folder of images kept for evaluation)."""
-    from ocula.data.layout import open_dataset, splits
+def _default_dataset(task, data: str, data_dir=None, only: bool = False):
+    """The split to score a model on, loaded once: test, else val, when it has labels (SigTuple's test smears
+    have no masks); with `only`, a dataset's single split (a folder of images kept for evaluation)."""
+    from ocula.data.layout import splits
 
     have = splits(data, data_dir)
     for split in ("test", "val"):
-        if split in have and getattr(open_dataset(data, split, data_dir), "has_masks", True):
-            return split
+        if split in have:
+            dataset = task.load_data(data, split, data_dir)
+            if getattr(dataset, "has_masks", True):
+                return dataset
     if only and len(have) == 1:
-        return have[0]
+        return task.load_data(data, have[0], data_dir)
     raise OculaError(f"{data} has no labelled test or val split; choose one of its splits: {', '.join(have)}")
 
 

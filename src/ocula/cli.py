@@ -73,12 +73,11 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
 
 def cmd_train(args):
     import ocula
+    from ocula.engine import distributed
 
     if not (args.dataset or args.config):
         raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
-    from ocula.engine import distributed
-
     model = ocula.train(args.dataset, args.model, config=args.config, name=args.name, runs_dir=args.runs_dir,
                         resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
                         progress=not args.quiet, **settings)
@@ -94,7 +93,8 @@ def cmd_evaluate(args):
         return 0
 
     model = ocula.load(args.model, device=args.device)
-    out = Path(args.out or Path(args.model).parent / f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}")
+    name = f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}"
+    out = Path(args.out or Path(args.model).parent / name)
     result = model.evaluate(args.data, split=args.split, data_dir=args.data_dir, out=out)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
                       if isinstance(v, (int, float))}))

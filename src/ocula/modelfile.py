@@ -87,15 +87,13 @@ def read_model_file(path: str | Path):
 def load_model(path: str | Path, device="cpu"):
     """Rebuild the model from a file on `device` ('auto', 'cpu', 'cuda', ...); returns the module in eval mode with
     `.info` (ModelInfo) attached. A file saved from a DistributedDataParallel or torch.compile wrapper loads too."""
-    import torch
-
-    from ocula.engine.device import resolve_device
+    from ocula.engine.device import fork_rng, resolve_device
     from ocula.models import build
 
     info, tensors, _ = read_model_file(path)
     weights = {_unwrapped(k): v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)}
     try:
-        with torch.random.fork_rng():  # building initialises weights that the file replaces: leave the RNG alone
+        with fork_rng():  # building initialises weights that the file replaces: leave the RNG alone
             model = build(info.arch, **info.args)
         model.load_state_dict(weights, strict=True)
     except (RuntimeError, TypeError) as e:

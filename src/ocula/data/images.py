@@ -76,6 +76,12 @@ def read_raw(path: str | Path) -> np.ndarray:
     return np.asarray(img)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An HxW, HxWx1, HxWx3 or HxWx4 array as HxWx3: grey repeated over three channels, alpha dropped."""
+    a = image if image.ndim == 3 else image[..., None]
+    return np.repeat(a, 3, 2) if a.shape[2] == 1 else a[..., :3]
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():

@@ -169,8 +169,8 @@ class LearningRateBudget(Callback):
         self.done += 1
         t = self.progress()
         if t >= 1:
-            spent = f"{self.seconds / 60:.1f} minutes" if self.seconds and not (self.steps and self.done >= self.steps) \
-                else f"{self.steps} steps"
+            by_steps = self.steps and self.done >= self.steps
+            spent = f"{self.steps} steps" if by_steps else f"{self.seconds / 60:.1f} minutes"
             trainer.stop(f"budget of {spent} reached")
         self._set(trainer, min(t, 1.0))
 

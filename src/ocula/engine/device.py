@@ -6,6 +6,7 @@ RNGs for the length of a call (a fork of the RNG state), then puts both back as 
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -19,7 +20,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return device
     name = (device or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -27,6 +28,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OculaError(f"device {device!r} asked for, but this machine has no CUDA GPU (torch "
                          f"{torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # under torchrun: this rank's GPU
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise OculaError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -73,12 +76,17 @@ def to_device(obj, device: torch.device):
     return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
+def fork_rng(device: torch.device | None = None, enabled: bool = True):
+    """torch's RNG state (the CPU's and this device's GPU's) restored when the block ends."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices, enabled=enabled)
+
+
 @contextmanager
 def runtime(*, seed: int | None = None, threads: int = 0, device: torch.device | None = None):
     """Seed torch's RNGs and set its thread count inside the block; restore both afterwards."""
     old_threads = torch.get_num_threads()
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with fork_rng(device, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         if threads:

@@ -35,11 +35,10 @@ def is_main() -> bool:
 
 
 def setup(device: torch.device) -> torch.device:
-    """Join the process group when launched by torchrun; returns this rank's device (cuda:LOCAL_RANK on GPUs)."""
+    """Join the process group when launched by torchrun; returns the device."""
     if world_size() == 1:
         return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":  # resolve_device already picked cuda:LOCAL_RANK for a bare 'cuda'
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)

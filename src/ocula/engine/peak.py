@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ocula.engine.device import fork_rng
 from ocula.fileio import write_json
 
 
@@ -53,7 +54,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     except (OSError, ValueError):
         table = {}
     if key not in table:
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng(device):
             table[key] = measure(device, dtype)
         write_json(path, table)
     return table[key]

@@ -19,7 +19,7 @@ from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelChec
     TerminateOnNaN
 from ocula.engine import distributed
 from ocula.engine.batches import prefetch
-from ocula.engine.device import autocast, grad_scaler, resolve_device, runtime, to_device
+from ocula.engine.device import autocast, fork_rng, grad_scaler, resolve_device, runtime, to_device
 from ocula.errors import OculaError
 from ocula.modelfile import ModelInfo, read_model_file, save_model
 
@@ -271,8 +271,7 @@ class Trainer:
         from torch.utils.flop_counter import FlopCounterMode
 
         model = copy.deepcopy(self.model)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with fork_rng(self.device), FlopCounterMode(display=False) as counter:
             with autocast(self.device, self.config.bf16):
                 loss = self.loss_fn(model, x, y)
             loss.backward()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ocula.data.box_transforms import augment, colour_jitter
+from ocula.data.images import as_rgb
 from ocula.engine.callbacks import EMA, CSVLogger, LearningRateBudget, ModelCheckpoint, TerminateOnNaN
 from ocula.engine.device import device_of
 from ocula.engine.trainer import TrainConfig, Trainer
@@ -519,8 +520,7 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
             score_thresh: float | None = None) -> list[Detections]:
     """Detect objects in RGB images of any size; `score_thresh` overrides the model file's (tuned on val)."""
     thresh = model.info.preprocess.get("score_thresh", SCORE_THRESH) if score_thresh is None else score_thresh
-    images = [im if im.ndim == 3 and im.shape[2] == 3 else np.repeat(im.reshape(*im.shape[:2], 1), 3, 2)
-              for im in images]
+    images = [as_rgb(im) for im in images]
     dets = detect_images(model, images, score_thresh=thresh, batch_size=batch_size)
     return [Detections(src, im, d["boxes"], d["scores"], d["labels"], list(model.info.classes))
             for src, im, d in zip(sources, images, dets)]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ocula.data.paired_transforms import Affine, ColorJitter, Compose, HFlip, Rot90, VFlip, blood_smear_augment
+from ocula.data.images import as_rgb
 from ocula.data.segmentation import PALETTE, MaskDataset, RandomCrops, folds, overlay
 from ocula.engine.trainer import TrainConfig, Trainer
 from ocula.errors import OculaError
@@ -243,7 +244,7 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
     multiclass = model.info.preprocess["output"] == "multiclass"
     results = []
     for image, source in zip(images, sources):
-        image = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(image.reshape(*image.shape[:2], 1), 3, 2)
+        image = as_rgb(image)
         labels = predict_labels(model, image, **settings, batch_size=batch_size)
         cells = find_cells(labels, image, multiclass=multiclass, pixel_size=pixel_size)
         results.append(Segmentation(source, image, labels, cells, multiclass))
