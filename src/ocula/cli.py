@@ -396,5 +396,5 @@ def main(argv=None) -> None:
     if "torch.distributed" in sys.modules:  # a torchrun rank leaves its process group before it exits
         from ocula.engine.distributed import cleanup
 
-        cleanup()
+        cleanup(failed=code != 0)
     sys.exit(code)

@@ -45,8 +45,12 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def cleanup() -> None:
+def cleanup(failed: bool = False) -> None:
+    """Leave the process group. Ranks that succeeded leave together: one that tears gloo down while a peer still
+    works can abort (SIGABRT) at exit. A failed rank leaves at once; torchrun then stops the others."""
     if dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
