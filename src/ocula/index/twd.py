@@ -22,6 +22,10 @@ import numpy as np
 from ocula.errors import OculaError
 from ocula.index.base import BLOCK_FLOATS, PCA, as_vectors
 
+# The first granule's distances are computed for this many (query, reference) pairs at once: small enough to stay
+# in the CPU's cache while they are thresholded (on 60k references, 32 queries at a time were 1.7x faster than 266).
+CACHED_FLOATS = 2_000_000
+
 
 @dataclass
 class Decisions:
@@ -62,35 +66,87 @@ class ThreeWayDecisions:
         return self.gallery_.shape[0] * self.dim_
 
     def predict(self, queries) -> Decisions:
-        q = self.pca_(as_vectors(queries, "query vectors", self.dim_))
-        g, m = self.gallery_[:, :self.bounds_[1]], self.bounds_[1]
-        norms, out = (g * g).sum(1), []
-        block = max(1, BLOCK_FLOATS // len(g))
-        for i in range(0, len(q), block):  # the first granule for a block of queries: one matmul, not a loop
-            qb = q[i:i + block]
-            first = np.maximum(norms - 2 * qb[:, :m] @ g.T + (qb[:, :m] ** 2).sum(1)[:, None], 0)
-            out += [self._one(qi, fi) for qi, fi in zip(qb, first)]
-        return Decisions(*(np.array(v) for v in zip(*out)))
+        import torch
 
-    def _one(self, q: np.ndarray, dist: np.ndarray):
+        q = self.pca_(as_vectors(queries, "query vectors", self.dim_))
+        m = self.bounds_[1]
+        g = torch.from_numpy(np.ascontiguousarray(self.gallery_[:, :m]))
+        norms, parts = (g * g).sum(1), []
+        decide = self._twd if self.rule == "twd" else self._ratio
+        block = max(1, CACHED_FLOATS // len(g))
+        for i in range(0, len(q), block):  # the first granule of a block of queries: one fused matmul
+            qb = torch.from_numpy(q[i:i + block, :m])
+            first = torch.addmm(norms, qb, g.T, alpha=-2).add_((qb * qb).sum(1, keepdim=True)).clamp_min_(0)
+            parts.append(decide(q[i:i + block], first.numpy()))
+        return Decisions(*(np.concatenate(v) for v in zip(*parts)))
+
+    def _twd(self, q: np.ndarray, first: np.ndarray):
+        """Every query of the block at once. After the first granule the survivors are a flat list of (query,
+        reference) pairs sorted by query; each further level adds its m distance terms to the surviving pairs only,
+        then drops pruned pairs and the pairs of decided queries."""
         g, labels, b = self.gallery_, self.labels_, self.bounds_
-        alive = np.arange(len(g))
-        terms = len(g) * b[1]
+        n = len(q)
+        out, terms, levels = np.empty(n, labels.dtype), np.full(n, len(g) * b[1], np.int64), np.zeros(n, np.int64)
+        rows, refs = np.nonzero(first <= self.delta * first.min(1, keepdims=True))
+        dist = first[rows, refs]
         for level in range(1, len(b)):
             if level > 1:
-                diff = g[alive, b[level - 1]:b[level]] - q[b[level - 1]:b[level]]
-                dist = dist + np.einsum("ij,ij->i", diff, diff)
-                terms += len(alive) * (b[level] - b[level - 1])
-            best = int(dist.argmin())
-            if self.rule == "twd":
-                keep = dist <= self.delta * dist[best]
-                alive, dist = alive[keep], dist[keep]
-                if (labels[alive] == labels[alive[0]]).all():
-                    return labels[alive[0]], terms, level
-            elif self._confident(dist, labels[alive], labels[alive[best]]):
-                return labels[alive[best]], terms, level
-        return labels[alive[int(dist.argmin())]], terms, len(b) - 1
+                dist = dist + _partial_distances(g, q, rows, refs, b[level - 1], b[level])
+                terms += np.bincount(rows, minlength=n) * (b[level] - b[level - 1])
+                keep = dist <= self.delta * _query_min(dist, rows)
+                rows, refs, dist = rows[keep], refs[keep], dist[keep]
+            start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each open query's first pair
+            lab = labels[refs]
+            done = np.minimum.reduceat(lab, start) == np.maximum.reduceat(lab, start)  # one class left
+            if level == len(b) - 1:
+                done[:] = True
+            nearest = np.flatnonzero(dist == _query_min(dist, rows))  # first nearest pair of each query, on ties
+            nearest = nearest[np.unique(rows[nearest], return_index=True)[1]]
+            decided = rows[start[done]]
+            out[decided], levels[decided] = lab[nearest][done], level
+            still = ~np.isin(rows, decided)
+            rows, refs, dist = rows[still], refs[still], dist[still]
+            if not len(rows):
+                break
+        return out, terms, levels
 
-    def _confident(self, dist: np.ndarray, labels: np.ndarray, winner) -> bool:
-        other = dist[labels != winner]
-        return other.size == 0 or dist.min() <= self.ratio * other.min()
+    def _ratio(self, q: np.ndarray, dist: np.ndarray):
+        """The baseline keeps every reference, so its running distances stay a dense [queries, references] matrix
+        and each level is one matmul for the queries still open."""
+        g, labels, b = self.gallery_, self.labels_, self.bounds_
+        n = len(q)
+        out, terms, levels = np.empty(n, labels.dtype), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        open_ = np.arange(n)
+        for level in range(1, len(b)):
+            lo, hi = b[level - 1], b[level]
+            if level > 1:
+                gl, ql = g[:, lo:hi], q[open_, lo:hi]
+                dist = dist + np.maximum((gl * gl).sum(1) - 2 * ql @ gl.T + (ql * ql).sum(1)[:, None], 0)
+            terms[open_] += len(g) * (hi - lo)
+            nearest = dist.argmin(1)
+            winner = labels[nearest]
+            other = np.where(labels[None] != winner[:, None], dist, np.inf).min(1)
+            done = dist[np.arange(len(dist)), nearest] <= self.ratio * other
+            if level == len(b) - 1:
+                done[:] = True
+            out[open_[done]], levels[open_[done]] = winner[done], level
+            open_, dist = open_[~done], dist[~done]
+            if not len(open_):
+                break
+        return out, terms, levels
+
+
+def _partial_distances(g, q, rows, refs, lo, hi) -> np.ndarray:
+    """Squared distance over components lo:hi for each (query, reference) pair, in blocks to bound memory."""
+    step = max(1, BLOCK_FLOATS // max(hi - lo, 1))
+    out = np.empty(len(rows), np.float32)
+    for i in range(0, len(rows), step):
+        diff = g[refs[i:i + step], lo:hi] - q[rows[i:i + step], lo:hi]
+        out[i:i + step] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
+def _query_min(dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each pair's query's smallest distance (rows are sorted by query)."""
+    start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    return np.repeat(np.minimum.reduceat(dist, start), np.diff(np.r_[start, len(rows)]))
