@@ -100,3 +100,47 @@ def test_normalised_softmax_embedder_separates_the_classes(trained):
     g, q = embed(model, train.images, normalize=True), embed(model, test.images, normalize=True)
     nearest = train.labels[build_index(g, "brute").search(q, 1)[1][:, 0]]
     assert (nearest == test.labels).mean() >= 0.8
+
+
+def test_a_new_class_joins_a_recogniser_without_training(trained, tmp_path):
+    import shutil
+
+    from ocula.data.classification import load_image_folder
+
+    data, model_path = trained
+    known, new = tmp_path / "known", tmp_path / "new"
+    for name in ("bright", "dark"):
+        shutil.copytree(data / "train" / name, known / "train" / name)
+    shutil.copytree(data / "train" / "striped", new / "train" / "striped")
+    embed_data(model_path, str(known), tmp_path / "two.ocula", device="cpu")
+    said = embed_data(tmp_path / "two.ocula", str(new), tmp_path / "three.ocula", device="cpu")
+    assert "27 references of 3 classes" in said
+    two, three = (ocula.load(tmp_path / f, device="cpu") for f in ("two.ocula", "three.ocula"))
+    assert two.info.classes == ["bright", "dark"] and three.info.classes == ["bright", "dark", "striped"]
+    assert torch.equal(three.module.gallery[:18], two.module.gallery)  # the old references are kept as they were
+    test = load_image_folder(data, "test")
+    assert [r.label for r in three.predict(test.images)] == test.labels.tolist()
+
+
+@pytest.mark.parametrize("rule", ["1nn", "map"])
+def test_a_recogniser_exports_to_onnx_with_parity(trained, tmp_path, rule):
+    from ocula.data.classification import load_image_folder
+    from ocula.export.onnx import onnx_session, run_onnx
+    from ocula.tasks.classify import prepare
+
+    data, model_path = trained
+    embed_data(model_path, str(data), tmp_path / "g.ocula", device="cpu", rule=rule)
+    model = ocula.load(tmp_path / "g.ocula", device="cpu")
+    assert "ONNX Runtime vs torch" in model.export("onnx", tmp_path / "g.onnx")
+    test = load_image_folder(data, "test")
+    x = torch.from_numpy(np.stack([prepare(im, model.info.preprocess, "test")[0] for im in test.images]))
+    t = torch.linspace(0, 1, 201)[:, None, None, None]
+    x = torch.cat([x, (1 - t) * x[0] + t * x[3]])  # and a walk from a bright to a dark image, ambiguous midway
+    with torch.no_grad():
+        expected = model.module(x).numpy()
+    (got,) = run_onnx(onnx_session(tmp_path / "g.onnx"), x)
+    assert expected.max(1).min() < 0.99  # some probabilities are not saturated, so the comparison means something
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    # exp(-distance / T) with T the gallery's small nearest-neighbour distance magnifies float rounding where two
+    # classes meet: 5e-4 seen there, 1e-7 elsewhere
+    np.testing.assert_allclose(got, expected, atol=2e-3)

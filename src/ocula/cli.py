@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
 
     c = command("embed", cmd_embed, "penultimate-layer embeddings of a dataset split: a vector file "
-                "(safetensors: vectors, labels, ids), or with --out X.ocula a nearest-neighbour recogniser over them")
-    c.add_argument("model", help="a network classifier's model file")
+                "(safetensors: vectors, labels, ids), or with --out X.ocula a nearest-neighbour recogniser over them "
+                "(from a recogniser: the same one with these images added to its references)")
+    c.add_argument("model", help="a network classifier's or a recogniser's model file")
     c.add_argument("data", help="registered dataset name or a folder of class folders")
     c.add_argument("--out", required=True, help="vectors.safetensors, or gallery.ocula for a recogniser")
     c.add_argument("--split", default="train")

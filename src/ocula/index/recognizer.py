@@ -40,17 +40,16 @@ class GalleryRecognizer(nn.Module):
         q = self.penultimate(x)
         g = self.gallery
         d = ((q * q).sum(1, keepdim=True) - 2 * q @ g.T + (g * g).sum(1)).clamp_min(0)
-        labels = self.labels.expand(len(q), -1)
+        labels = self.labels.expand_as(d)
+        per_class = lambda value: d.new_full((1, self.num_classes), value).repeat(d.shape[0], 1)  # [n, classes]
         if self.rule == "knn":
             nearest = d.topk(min(self.k, len(g)), dim=1, largest=False).indices
-            votes = torch.zeros(len(q), self.num_classes, device=q.device)
+            votes = per_class(0.0)
             ones = torch.ones_like(nearest, dtype=votes.dtype)
             return votes.scatter_add(1, self.labels[nearest], ones) / nearest.shape[1]
         if self.rule == "1nn":
-            rho = torch.full((len(q), self.num_classes), float("inf"), device=q.device)
-            return (-rho.scatter_reduce(1, labels, d, "amin") / self.temperature).softmax(1)
-        log_density = torch.full((len(q), self.num_classes), float("-inf"), device=q.device)
+            return (-per_class(float("inf")).scatter_reduce(1, labels, d, "amin") / self.temperature).softmax(1)
         # a log-sum-exp per class: scatter the max, then the shifted sum
-        top = log_density.scatter_reduce(1, labels, -d / self.temperature, "amax")
+        top = per_class(float("-inf")).scatter_reduce(1, labels, -d / self.temperature, "amax")
         shifted = torch.zeros_like(top).scatter_add(1, labels, (-d / self.temperature - top.gather(1, labels)).exp())
         return (top + shifted.log()).softmax(1)

@@ -63,19 +63,24 @@ def load_vectors(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
 def embed_data(model_path: str | Path, data: str, out: str | Path, *, split: str = "train", device: str = "auto",
                batch_size: int = 256, normalize: bool = False, rule: str = "1nn", k: int = 5, data_dir=None) -> str:
     """Embed a split of a dataset or class folder with a model file. `out` ending in .ocula: a recogniser model
-    (that model + these images as its gallery, decided by `rule`), else a vector file. Says what it wrote."""
+    (that model + these images as its gallery, decided by `rule`; from a recogniser, the same one with these
+    images added to its references), else a vector file. Says what it wrote."""
     from ocula.modelfile import load_model, save_model
     from ocula.tasks.classify import load_data
 
     model = load_model(model_path, device=device)
     images = load_data(data, split, data_dir)
     if str(out).endswith(".ocula"):
-        from ocula.tasks.recognize import build_recognizer
+        from ocula.tasks.recognize import add_references, build_recognizer
 
-        recognizer = build_recognizer(model, images, rule, k=k, normalize=True, batch_size=batch_size)
-        recognizer.info.preprocess["dataset"] = data
+        if model.info.task == "recognize":  # a recogniser grows: its references plus these, nothing retrained
+            recognizer = add_references(model, images, batch_size=batch_size)
+        else:
+            recognizer = build_recognizer(model, images, rule, k=k, normalize=True, batch_size=batch_size)
+            recognizer.info.preprocess["dataset"] = data
         save_model(out, recognizer, recognizer.info)
-        return f"{out}: {rule} recogniser over {len(images)} references of {len(images.classes)} classes"
+        return (f"{out}: {recognizer.rule} recogniser over {len(recognizer.gallery)} references of "
+                f"{len(recognizer.info.classes)} classes")
     vectors = embed(model, images.images, batch_size=batch_size, normalize=normalize)
     ids = [f"{split}/{i}" for i in range(len(images))]
     save_vectors(out, vectors, images.labels, ids=ids, classes=list(images.classes),

@@ -32,26 +32,47 @@ def default_config(model_name: str, **overrides) -> TrainConfig:
 def build_recognizer(embedder, gallery: ImageSet, rule: str = "1nn", *, k: int = 5, normalize: bool = True,
                      batch_size: int = 256) -> GalleryRecognizer:
     """A recogniser whose references are `gallery`'s images, embedded by `embedder` (a loaded model)."""
-    from ocula.engine.device import device_of
-    from ocula.index import build_index
-
     if rule not in RULES:
         raise OculaError(f"unknown recognition rule {rule!r}; choose one of {', '.join(RULES)}")
     vectors = embed(embedder, gallery.images, batch_size=batch_size, normalize=normalize)
     info = embedder.info
-    model = GalleryRecognizer(embedder={"arch": info.arch, "args": info.args}, size=len(vectors),
-                              dim=vectors.shape[1], num_classes=len(gallery.classes), rule=rule, k=k,
-                              normalize=normalize, temperature=_temperature(vectors, build_index))
+    return _assemble({"arch": info.arch, "args": info.args}, embedder, info.preprocess, vectors, gallery.labels,
+                     list(gallery.classes), rule=rule, k=k, normalize=normalize, dataset=gallery.name,
+                     extra={"embedder_dataset": info.preprocess.get("dataset")})
+
+
+def add_references(model: GalleryRecognizer, images: ImageSet, *, batch_size: int = 256) -> GalleryRecognizer:
+    """A new recogniser: `model`'s references plus `images`' (classes it did not know are appended to its
+    classes). Nothing is trained: the new images go through the same embedder."""
+    info = model.info
+    if info.task != "recognize":
+        raise OculaError(f"references can only be added to a recogniser (task recognize), not a {info.task} model")
+    vectors = embed(model, images.images, batch_size=batch_size, normalize=model.normalize)
+    classes = list(info.classes) + [c for c in images.classes if c not in info.classes]
+    new_labels = np.array([classes.index(images.classes[i]) for i in images.labels], np.int64)
+    preprocess = {k: v for k, v in info.preprocess.items() if k not in ("scores", "dataset")}
+    return _assemble(info.args["embedder"], model.embedder, preprocess,
+                     np.concatenate([model.gallery.cpu().numpy(), vectors]),
+                     np.concatenate([model.labels.cpu().numpy(), new_labels]), classes, rule=model.rule, k=model.k,
+                     normalize=model.normalize, dataset=f"{info.preprocess.get('dataset')}+{images.name}",
+                     extra=info.extra)
+
+
+def _assemble(spec: dict, embedder, preprocess: dict, vectors: np.ndarray, labels: np.ndarray, classes: list[str],
+              *, rule: str, k: int, normalize: bool, dataset: str, extra: dict) -> GalleryRecognizer:
+    """The recogniser module and its ModelInfo: `embedder`'s weights, the reference vectors and their labels."""
+    from ocula.engine.device import device_of
+    from ocula.index import build_index
+
+    args = {"embedder": spec, "size": len(vectors), "dim": vectors.shape[1], "num_classes": len(classes),
+            "rule": rule, "k": k, "normalize": normalize, "temperature": _temperature(vectors, build_index)}
+    model = GalleryRecognizer(**args)
     model.embedder.load_state_dict(embedder.state_dict())
     model.gallery.copy_(torch.from_numpy(vectors))
-    model.labels.copy_(torch.from_numpy(gallery.labels.astype(np.int64)))
+    model.labels.copy_(torch.from_numpy(labels.astype(np.int64)))
     model.to(device_of(embedder)).eval()
-    args = {"embedder": {"arch": info.arch, "args": info.args}, "size": len(vectors), "dim": vectors.shape[1],
-            "num_classes": len(gallery.classes), "rule": rule, "k": k, "normalize": normalize,
-            "temperature": model.temperature}
-    model.info = ModelInfo(task="recognize", arch="gallery-recognizer", args=args, classes=list(gallery.classes),
-                           preprocess={**info.preprocess, "scores": "votes", "dataset": gallery.name},
-                           extra={"embedder_dataset": info.preprocess.get("dataset")})
+    model.info = ModelInfo(task="recognize", arch="gallery-recognizer", args=args, classes=classes,
+                           preprocess={**preprocess, "scores": "votes", "dataset": dataset}, extra=dict(extra))
     return model
 
 
@@ -116,5 +137,5 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     return model, summary
 
 
-__all__ = ["MODELS", "OPTIONS", "build_recognizer", "default_config", "evaluate", "export", "load_data", "predict",
-           "show", "train", "train_embedder"]
+__all__ = ["MODELS", "OPTIONS", "add_references", "build_recognizer", "default_config", "evaluate", "export",
+           "load_data", "predict", "show", "train", "train_embedder"]
