@@ -35,6 +35,14 @@ def upsample(cin: int, cout: int, size_in: tuple[int, int], size_out: tuple[int,
     return nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, output_padding=pad)
 
 
+def unpool(h: torch.Tensor, indices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """What nn.MaxUnpool2d computes (each value put back where its pooling window's maximum was, zeros elsewhere),
+    written as a scatter because torch's ONNX exporter has no MaxUnpool."""
+    n, c = h.shape[:2]
+    out = h.new_zeros(n, c, size[0] * size[1])
+    return out.scatter(2, indices.flatten(2), h.flatten(2)).reshape(n, c, *size)
+
+
 class Autoencoder(nn.Module):
     """The face shared by every model with a code (see the module docstring). Subclasses define `_encode`
     (0..1 images -> code, or mean and log-variance side by side when variational) and `_decode`."""
@@ -137,8 +145,8 @@ class ConvAutoencoder(Autoencoder):
     """Convolutional autoencoder whose encoder is SmallCNN's `features` (same layers, same names), so its weights
     initialise a classifier; a linear bottleneck gives a code of `code_size`.
 
-    decoder 'transpose': stride-2 ConvTranspose2d stages back to the input size. 'unpool': MaxUnpool2d with the
-    encoder's pooling indices (SegNet-style); the indices carry where each maximum was, so that decoder only
+    decoder 'transpose': stride-2 ConvTranspose2d stages back to the input size. 'unpool': max-unpooling with the
+    encoder's pooling indices (SegNet-style, see `unpool`); the indices carry where each maximum was, so that decoder only
     reconstructs (it cannot decode a code alone: no sampling or interpolation). variational=True: a conv VAE."""
 
     def __init__(self, *, input_size: list[int], in_channels: int = 1, widths: list[int] = (16, 32, 64),
@@ -194,7 +202,7 @@ class ConvAutoencoder(Autoencoder):
             h = stage(h)
             if self.unpool:  # the pooling that made size s from s - 1 saw this stage's output channels
                 s = len(self.sizes) - 1 - k
-                h = F.max_unpool2d(h, indices[s - 1], 2, output_size=self.sizes[s - 1])
+                h = unpool(h, indices[s - 1], self.sizes[s - 1])
         return self.head(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
