@@ -596,10 +596,10 @@ class Representation:
         from ocula.fileio import write_npy
         from ocula.plots import image_grid
 
-        saved = {"code": str(write_npy(Path(out_dir) / f"{stem}-code.npy", self.code.astype(np.float32)))}
+        saved = {"code_file": str(write_npy(Path(out_dir) / f"{stem}-code.npy", self.code.astype(np.float32)))}
         if self.output is not None:
             titles = ["input", "reconstruction" if self.mode == "reconstruct" else "denoised"]
-            saved[self.mode] = str(image_grid([self.image, self.output], titles, out_dir / f"{stem}-{self.mode}.png",
+            saved["picture"] = str(image_grid([self.image, self.output], titles, out_dir / f"{stem}-{self.mode}.png",
                                               value_max=self.value_max, cols=2))
         return saved
 
