@@ -256,7 +256,7 @@ def train_gan(model, info: ModelInfo, train: ImageSet, config: TrainConfig, *, r
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
-                values = np.array([float(loss_d), float(loss_g)])
+                values = np.array([loss_d.item(), loss_g.item()])
                 if not np.isfinite(values).all():
                     raise OculaError(f"GAN loss became {values.tolist()} (discriminator, generator) at epoch "
                                      f"{epoch + 1}; training stopped (try a lower --lr)")
