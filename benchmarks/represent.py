@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +178,8 @@ def scarce(args):
         for key, (label, encoder) in inits.items():
             errors, seconds = [], 0.0
             for seed in range(5):
-                m = train(args, "mnist", "cnn", f"scarce-{per_class}-{key}-{seed}", labels_per_class=per_class, seed=seed, val_fraction=0,
-                          widths=[16, 32, 64], monitor="loss", mode="min", lr=1e-3,
+                m = train(args, "mnist", "cnn", f"scarce-{per_class}-{key}-{seed}", labels_per_class=per_class,
+                          seed=seed, val_fraction=0, widths=[16, 32, 64], monitor="loss", mode="min", lr=1e-3,
                           **({"encoder": str(encoder)} if encoder else {}), **recipe)
                 errors.append(100 * (1 - m.summary["test_accuracy"]))
                 seconds += m.summary["train_seconds"]
@@ -204,8 +205,11 @@ def main():
     ap.add_argument("--vae-epochs", type=int, default=25)
     ap.add_argument("--gan-epochs", type=int, default=4)
     args = ap.parse_args()
-    for section in args.sections:
-        globals()[section](args)
+    for section in args.sections:  # a failing section is reported and the next one still runs
+        try:
+            globals()[section](args)
+        except Exception:
+            traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ class ConvAutoencoder(Autoencoder):
     initialise a classifier; a linear bottleneck gives a code of `code_size`.
 
     decoder 'transpose': stride-2 ConvTranspose2d stages back to the input size. 'unpool': max-unpooling with the
-    encoder's pooling indices (SegNet-style, see `unpool`); the indices carry where each maximum was, so that decoder only
-    reconstructs (it cannot decode a code alone: no sampling or interpolation). variational=True: a conv VAE."""
+    encoder's pooling indices (SegNet-style, see `unpool`); the indices carry where each maximum was, so that decoder
+    only reconstructs (it cannot decode a code alone: no sampling or interpolation). variational=True: a conv VAE."""
 
     def __init__(self, *, input_size: list[int], in_channels: int = 1, widths: list[int] = (16, 32, 64),
                  code_size: int = 32, value_max: float = 255.0, mean: float | list[float] = 0.0,

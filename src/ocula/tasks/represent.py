@@ -30,8 +30,9 @@ from ocula.fileio import write_json
 from ocula.modelfile import ModelInfo
 from ocula.models import build
 from ocula.models.autoencoders import DCGAN
-from ocula.tasks.classify import (CNN_WIDTHS, DATASET_WIDTHS, PHOTO_STYLES, _stats, load_data, prepare, show,
-                                  split_validation, to_tensor)
+# load_data and show are classification's: the same image sets, drawn the same way
+from ocula.tasks.classify import (CNN_WIDTHS, DATASET_WIDTHS, PHOTO_STYLES, _stats, load_data, prepare,  # noqa: F401
+                                  show, split_validation, to_tensor)
 
 # model name -> (architecture, its arguments beyond the data's, the loss that trains it)
 RECIPES = {
@@ -464,10 +465,10 @@ def draw_figures(model, data: ImageSet, out_dir: Path, history: list[dict] | Non
         out.append(image_grid(strip, [""] * len(strip), out_dir / "interpolation.png", value_max=vm, cols=10,
                               title="decoded codes on the line between two images"))
     if model.info.extra["loss"] == "denoise":
-        noisy = corrupted(model, shown)
+        noisy, extra = corrupted(model, shown), model.info.extra
         out.append(image_grid(np.concatenate([shown, noisy, reconstruct(model, noisy)]),
                               ["clean"] * 8 + ["noisy"] * 8 + ["denoised"] * 8, out_dir / "denoising.png",
-                              value_max=vm, title=f"{model.info.extra['noise']} noise {model.info.extra['noise_level']}"))
+                              value_max=vm, title=f"{extra['noise']} noise {extra['noise_level']}"))
     if history:
         out.append(plot_history(history, out_dir / "loss.png"))
     return out
