@@ -13,6 +13,7 @@ the test split is scored once; each row gives its training wall time on the 2 co
 from __future__ import annotations
 
 import argparse
+import datetime
 import shutil
 import sys
 import traceback
@@ -204,8 +205,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-epochs", type=int, default=25)
     ap.add_argument("--gan-epochs", type=int, default=4)
+    ap.add_argument("--start-before", metavar="HH:MM", help="start no section after this time (UTC)")
     args = ap.parse_args()
     for section in args.sections:  # a failing section is reported and the next one still runs
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")
+        if args.start_before and now >= args.start_before:
+            print(f"{section}: not started, it is {now} UTC", flush=True)
+            continue
         try:
             globals()[section](args)
         except Exception:
