@@ -73,6 +73,16 @@ class Model:
                    _default_dataset(self.task, data, data_dir, only=given))
         return self.task.evaluate(self.module, dataset, Path(out) if out else None)
 
+    def sample(self, n: int = 64, *, seed: int = 0, interpolate=None, steps: int = 10) -> np.ndarray:
+        """A generative model's (VAE, GAN) images decoded from n codes of its prior, or with `interpolate` (two
+        images of any input kind) the decoded line between their codes: [n, H, W(, C)] in the native range."""
+        if not hasattr(self.task, "sample"):
+            raise OculaError(f"{self.info.task} models do not sample; representation models (vae, dcgan) do")
+        between = read_inputs(list(interpolate))[0] if interpolate is not None else None
+        if between is not None and len(between) != 2:
+            raise OculaError(f"interpolate between two images, not {len(between)}")
+        return self.task.sample(self.module, n, seed=seed, between=between, steps=steps)
+
     def export(self, format: str = "onnx", path: str | Path | None = None) -> str:
         """Write the model as ONNX (checked against torch with ONNX Runtime) or CoreML; returns what was done."""
         suffix = {"onnx": ".onnx", "coreml": ".mlpackage"}

@@ -68,7 +68,9 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
                   "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
                   "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
-                  "input_size", "embedder", "k")
+                  "input_size", "embedder", "k", "labels_per_class", "encoder",
+                  "code_size", "penalty", "sparsity", "rho", "noise", "noise_level", "likelihood", "kl_warmup",
+                  "binarize", "iw_samples", "feature_model")
 
 
 def cmd_train(args):
@@ -121,7 +123,7 @@ def cmd_predict(args):
     # A job-array task takes its --shard; torchrun ranks split the files and rank 0 prints the merged result.
     index, count = args.shard or (distributed.rank(), distributed.world_size())
     files = distributed.shard(files, index, count)
-    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh")
+    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh", "mode")
                if getattr(args, k) is not None}
     out, failed = [], 0
     for f in files:  # one file at a time: a bad file is reported and the others are still predicted
@@ -194,6 +196,20 @@ def cmd_embed(args):
     print(embed_data(args.model, args.data, args.out, split=args.split, device=args.device,
                      batch_size=args.batch_size, normalize=args.normalize, rule=args.rule, k=args.k,
                      data_dir=args.data_dir))
+
+
+def cmd_sample(args):
+    import ocula
+    from ocula.fileio import write_npy
+    from ocula.plots import image_grid
+
+    model = ocula.load(args.model, device=args.device)
+    images = model.sample(args.n, seed=args.seed, interpolate=args.interpolate, steps=args.steps)
+    out = Path(args.out or Path(args.model).with_name("interpolation.png" if args.interpolate else "samples.png"))
+    image_grid(images, [""] * len(images), out, value_max=model.info.preprocess["value_max"],
+               cols=len(images) if args.interpolate else 8)
+    write_npy(out.with_suffix(".npy"), images.astype("float32"))
+    print(f"{out} and {out.with_suffix('.npy')}: {len(images)} images")
 
 
 def cmd_demo(args):
@@ -283,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--widths", type=int, nargs="+", help="classify: the cnn's stage widths (default 32 64 128)")
     c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
     c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
+    c.add_argument("--labels-per-class", type=int, help="classify: train on this many labelled images per class")
+    c.add_argument("--encoder", help="classify (cnn): a conv autoencoder's model file that initialises the features")
+    c.add_argument("--code-size", type=int, help="represent: the code's dimension (default per model)")
+    c.add_argument("--penalty", type=float, help="represent: sparsity or contractive weight, or the VAE's KL weight")
+    c.add_argument("--sparsity", choices=["l1", "kl"], help="represent: L1 on the code or KL to --rho")
+    c.add_argument("--rho", type=float, help="represent: target mean activation of a KL-sparse code (0.05)")
+    c.add_argument("--noise", choices=["gaussian", "masking", "salt-pepper"], help="represent: denoising corruption")
+    c.add_argument("--noise-level", type=float, help="represent: Gaussian sigma or share of pixels hit (0.5)")
+    c.add_argument("--likelihood", choices=["bernoulli", "gaussian"], help="represent: the VAE's p(x | z)")
+    c.add_argument("--kl-warmup", type=int, metavar="EPOCHS", help="represent: epochs over which the KL weight rises")
+    c.add_argument("--binarize", action=argparse.BooleanOptionalAction, help="represent: train the VAE on "
+                   "dynamically binarized images")
+    c.add_argument("--iw-samples", type=int, help="represent: importance samples of the VAE's NLL (5000)")
+    c.add_argument("--feature-model", help="represent: a classifier file whose features score samples (Frechet)")
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
@@ -332,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
     c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")
+    mode = c.add_mutually_exclusive_group()
+    for name in ("embed", "reconstruct", "denoise"):
+        mode.add_argument(f"--{name}", dest="mode", action="store_const", const=name,
+                          help=f"represent: {name} the images (default reconstruct)")
     c.add_argument("--shard", type=_shard, metavar="I/N", help="predict only the I-th of N equal parts of the "
                    "inputs (a cluster job array); under torchrun the ranks split them by themselves")
     device(c)
@@ -356,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=256)
     device(c)
     data_dir(c)
+
+    c = command("sample", cmd_sample, "images from a VAE's or GAN's prior, or the decoded line between two images")
+    c.add_argument("model")
+    c.add_argument("--n", type=int, default=64)
+    c.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="two image files to interpolate between")
+    c.add_argument("--steps", type=int, default=10, help="images on the interpolation line")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="PNG path (default samples.png or interpolation.png beside the model); the "
+                   "images also as .npy")
+    device(c)
 
     c = command("demo", cmd_demo, "the digit recognizer end to end in under a minute")
     c.add_argument("--runs-dir", default=str(RUNS))

@@ -27,6 +27,17 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return Path(path)
 
 
+def write_npy(path: str | Path, array) -> Path:
+    """A numpy array as a .npy file (no pickles)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return write_bytes(path, buf.getvalue())
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 

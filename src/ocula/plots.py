@@ -41,6 +41,8 @@ def image_grid(images, titles, path: str | Path, *, value_max: float = 255.0, co
         ax.axis("off")
     for ax, img, t in zip(axes.flat, images, titles):
         img = np.asarray(img)
+        if img.ndim == 3:  # matplotlib draws RGB floats on 0..1 and ignores vmin / vmax
+            img = np.clip(img / value_max, 0, 1)
         ax.imshow(img, cmap=None if img.ndim == 3 else cmap, vmin=0, vmax=value_max, interpolation="nearest")
         ax.set_title(t, fontsize=7)
     if title:

@@ -30,18 +30,20 @@ def _output_axes(out: torch.Tensor, dynamic_hw: bool) -> dict:
 
 
 def export_onnx(model, path: str | Path, *, outputs: tuple[str, ...] = ("scores",), dynamic_hw: bool = False,
-                opset: int = 17) -> Path:
-    """Export a CPU model in eval mode with input 'image' and the named outputs."""
+                opset: int = 17, example: torch.Tensor | None = None) -> Path:
+    """Export a CPU model in eval mode with the named outputs and input 'image', or with an `example` input of
+    another kind (a decoder's codes [N, d]) input 'code'."""
     model.eval()
-    x = example_input(model)
+    x = example_input(model) if example is None else example
+    name = "image" if example is None else "code"
     with torch.no_grad():
         result = model(x)
     result = result if isinstance(result, (tuple, list)) else (result,)
-    axes = {"image": {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
+    axes = {name: {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
     axes.update({name: _output_axes(out, dynamic_hw) for name, out in zip(outputs, result)})
     with atomic_path(path) as tmp:
         try:
-            torch.onnx.export(model, (x,), str(tmp), input_names=["image"], output_names=list(outputs),
+            torch.onnx.export(model, (x,), str(tmp), input_names=[name], output_names=list(outputs),
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
         except Exception as e:  # the exporter's errors are long; keep the first line
             raise OculaError(f"ONNX export failed: {str(e).strip().splitlines()[0]}", path) from None
@@ -57,7 +59,7 @@ def onnx_session(path: str | Path):
 
 
 def run_onnx(session, x: torch.Tensor) -> list[np.ndarray]:
-    return session.run(None, {"image": x.detach().cpu().numpy()})
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
 def check_parity(model, path: str | Path, x: torch.Tensor | None = None) -> float:

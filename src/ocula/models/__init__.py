@@ -16,6 +16,10 @@ ARCHITECTURES = {
     "fcos": "ocula.models.detection.fcos:FCOS",
     "faster-rcnn": "ocula.models.detection.builders:faster_rcnn_fpn",
     "gallery-recognizer": "ocula.index.recognizer:GalleryRecognizer",  # an embedder + references (models floor)
+    "mlp-autoencoder": "ocula.models.autoencoders:MLPAutoencoder",
+    "conv-autoencoder": "ocula.models.autoencoders:ConvAutoencoder",
+    "pca": "ocula.models.autoencoders:PCA",
+    "dcgan": "ocula.models.autoencoders:DCGAN",
 }
 
 

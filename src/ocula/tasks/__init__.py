@@ -21,9 +21,9 @@ import importlib
 from ocula.errors import OculaError
 
 # classify, segment, detect; the segmentation task lives beside `segment`, which holds its losses and metrics.
-# recognize: nearest neighbours over a gallery of embeddings (ocula.index).
+# recognize: nearest neighbours over a gallery of embeddings (ocula.index). represent: codes learnt without labels.
 TASKS = {"classify": "ocula.tasks.classify", "segment": "ocula.tasks.segment_train", "detect": "ocula.tasks.detect",
-         "recognize": "ocula.tasks.recognize"}
+         "recognize": "ocula.tasks.recognize", "represent": "ocula.tasks.represent"}
 
 
 def get_task(name: str):

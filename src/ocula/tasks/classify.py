@@ -21,7 +21,9 @@ from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", *list_backbones())
-OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None)
+# labels_per_class: train on that many labelled images of each class (seeded); encoder: a conv autoencoder's file
+# (ocula.tasks.represent) whose encoder initialises the cnn's feature layers.
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, labels_per_class=0, encoder=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths
@@ -94,6 +96,16 @@ def backbone_args(train: ImageSet, backbone: str) -> dict:
                 value_max=train.value_max, mean=mean, std=std, small_input=min(train.images.shape[1:3]) <= 64)
 
 
+def labelled_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """`per_class` images of each class drawn with `seed`: the few labels of a semi-supervised setting."""
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(data.labels == k), per_class, replace=False)
+              for k in range(len(data.classes)) if (data.labels == k).sum() >= per_class]
+    if len(picked) < len(data.classes):
+        raise OculaError(f"{data.name} has a class with fewer than {per_class} images; lower labels_per_class")
+    return data.subset(np.sort(np.concatenate(picked)))
+
+
 def split_validation(data: ImageSet, fraction: float, seed: int):
     """A stratified, seeded hold-out from the training split, for checkpoint selection and early stopping."""
     if fraction <= 0:
@@ -106,14 +118,16 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None):
-    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
-    history)."""
+              arch_args: dict | None = None, features: dict | None = None):
+    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine, its feature layers
+    initialised from `features` (a pretrained encoder's state) when given; returns (model, info, history)."""
     from ocula.engine.device import runtime
 
     args = arch_args or cnn_args(train)
     with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
         model = build(arch, **args)
+    if features is not None:
+        model.features.load_state_dict(features)
     info = model_info(train, arch, args)
     size = train.images.shape[1]
     params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28] if train.channels == 1 else COLOUR)
@@ -255,14 +269,24 @@ def show(data: ImageSet, n: int, path: Path) -> Path:
 
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
-          widths: list[int] | None = None):
-    """Fit on the train split, select on val (the dataset's own, else a stratified `val_fraction` of train), and
-    score the test split once when there is one. `widths`: the cnn's stage widths. Returns (model with .info,
-    summary)."""
+          widths: list[int] | None = None, labels_per_class: int = 0, encoder: str | None = None):
+    """Fit on the train split (or `labels_per_class` images of each class), select on val (the dataset's own, else
+    a stratified `val_fraction` of the training images), and score the test split once when there is one.
+    `widths`: the cnn's stage widths; `encoder`: a conv autoencoder file whose encoder initialises them. Returns
+    (model with .info, summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
     train_set = load_data(data, "train", data_dir)
+    if labels_per_class:
+        train_set = labelled_subset(train_set, labels_per_class, config.seed)
+    features = None
+    if encoder:
+        if model_name != "cnn":
+            raise OculaError(f"a pretrained encoder initialises the cnn, not {model_name}")
+        from ocula.tasks.represent import encoder_weights
+
+        features, encoder_args = encoder_weights(encoder, config.device)
     if model_name == "svc":
         model, info = fit_svc(train_set, gamma=svc_gamma, C=svc_C)
     else:
@@ -271,8 +295,10 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
         widths = widths or DATASET_WIDTHS.get(data, CNN_WIDTHS)
         arch, args = ("cnn", cnn_args(fit_set, widths=widths)) if model_name == "cnn" else \
             ("backbone-classifier", backbone_args(fit_set, model_name))
+        if features is not None:
+            args.update(encoder_args)
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
-                                   arch=arch, arch_args=args)
+                                   arch=arch, arch_args=args, features=features)
         if val_set is not None and (run_dir / "best.ocula").is_file():
             from ocula.modelfile import load_model
 

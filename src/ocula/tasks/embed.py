@@ -1,4 +1,5 @@
-"""Embeddings from any ocula classifier (its penultimate features), and vector files to keep them in.
+"""Embeddings from any ocula classifier (its penultimate features) or autoencoder (its code), and vector files to
+keep them in.
 
 A vector file is safetensors: `vectors` [n, d] float32 and `labels` [n] int64, with JSON metadata (ids, class
 names, the model and data they came from). Nothing is ever unpickled.
@@ -27,7 +28,7 @@ def embed(model, images, *, batch_size: int = 256, normalize: bool = False, sour
 
     if not hasattr(model, "penultimate"):
         raise OculaError(f"a {model.info.arch} model has no penultimate features to embed with; use a network "
-                         "classifier (cnn or a backbone)")
+                         "classifier (cnn or a backbone) or an autoencoder")
     pre, sources = model.info.preprocess, sources or ["<image>"] * len(images)
     model.eval()
     device, out = device_of(model), []
