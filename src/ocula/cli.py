@@ -171,6 +171,22 @@ def cmd_inspect_rf(args):
               f"{tuple(round(v, 1) for v in feature_cell_box(rows[-1], i, j))}")
 
 
+def cmd_filters(args):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ocula.data.images import open_image, to_mode
+    from ocula.filters import lecture_panels
+    from ocula.plots import filter_panels
+
+    image = to_mode(open_image(args.image), "L")
+    image.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)  # sigma is in pixels of this size
+    gray = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    panels = [(t, m.numpy(), kind) for t, m, kind in lecture_panels(gray, sigma=args.sigma)]
+    print(filter_panels(panels, args.out, title=f"{Path(args.image).name} ({image.width}x{image.height}, grey)"))
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
@@ -342,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model file or backbone name (resnet18, ...)")
     c.add_argument("--size", type=int, default=224, help="input size for a backbone name")
     c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
+
+    c = command("filters", cmd_filters, "the lecture's filter panels on an image: Gaussian, Prewitt, Sobel, "
+                "gradient magnitude and orientation, Laplacian, LoG, DoG, a Gabor bank (borders reflect-101)")
+    c.add_argument("image")
+    c.add_argument("--out", default="filters.png", help="the panel PNG")
+    c.add_argument("--sigma", type=float, default=2.0, help="Gaussian scale in pixels (after --max-side)")
+    c.add_argument("--max-side", type=int, default=512, help="shrink the image to this long side first")
 
     c = command("embed", cmd_embed, "penultimate-layer embeddings of a dataset split: a vector file "
                 "(safetensors: vectors, labels, ids), or with --out X.ocula a nearest-neighbour recogniser over them")
