@@ -67,7 +67,7 @@ def cmd_data_convert(args):
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing",
                   "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
-                  "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
+                  "val_fraction", "widths", "width_mult", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
                   "input_size", "embedder", "k")
 
 
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
                    "no val split (default 0.1)")
     c.add_argument("--widths", type=int, nargs="+", help="classify: the cnn's stage widths (default 32 64 128)")
+    c.add_argument("--width-mult", type=float, help="classify: a MobileNet's width multiplier (default 1.0)")
     c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
     c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")

@@ -21,7 +21,7 @@ from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", *list_backbones())
-OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None)
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths
@@ -88,10 +88,15 @@ def cnn_args(train: ImageSet, **overrides) -> dict:
     return args
 
 
-def backbone_args(train: ImageSet, backbone: str) -> dict:
+def backbone_args(train: ImageSet, backbone: str, width_mult: float | None = None) -> dict:
     mean, std = _stats(train)
-    return dict(backbone=backbone, num_classes=len(train.classes), in_channels=train.channels,
+    args = dict(backbone=backbone, num_classes=len(train.classes), in_channels=train.channels,
                 value_max=train.value_max, mean=mean, std=std, small_input=min(train.images.shape[1:3]) <= 64)
+    if width_mult is not None:
+        if not backbone.startswith("mobilenet"):
+            raise OculaError(f"width_mult thins the MobileNets; {backbone} has no width multiplier")
+        args["width_mult"] = width_mult
+    return args
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int):
@@ -255,10 +260,10 @@ def show(data: ImageSet, n: int, path: Path) -> Path:
 
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
-          widths: list[int] | None = None):
+          widths: list[int] | None = None, width_mult: float | None = None):
     """Fit on the train split, select on val (the dataset's own, else a stratified `val_fraction` of train), and
-    score the test split once when there is one. `widths`: the cnn's stage widths. Returns (model with .info,
-    summary)."""
+    score the test split once when there is one. `widths`: the cnn's stage widths; `width_mult`: a MobileNet's
+    width multiplier. Returns (model with .info, summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
@@ -270,7 +275,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
                             if "val" in have else split_validation(train_set, val_fraction, config.seed))
         widths = widths or DATASET_WIDTHS.get(data, CNN_WIDTHS)
         arch, args = ("cnn", cnn_args(fit_set, widths=widths)) if model_name == "cnn" else \
-            ("backbone-classifier", backbone_args(fit_set, model_name))
+            ("backbone-classifier", backbone_args(fit_set, model_name, width_mult))
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
                                    arch=arch, arch_args=args)
         if val_set is not None and (run_dir / "best.ocula").is_file():

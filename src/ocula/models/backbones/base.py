@@ -21,8 +21,42 @@ def init_weights(model: nn.Module, *, linear_std: float | None = 0.01) -> None:
             nn.init.zeros_(m.bias)
 
 
+LEVELS = ("c2", "c3", "c4", "c5")
+
+
+def fc4096_head(num_features: int, num_classes: int, *, small_input: bool, dropout_first: bool) -> nn.Module:
+    """AlexNet's and VGG's fc-4096, fc-4096, fc-classes head with dropout (before each of the first two linear
+    layers in AlexNet, after their ReLU in VGG, as torchvision numbers them); for 32x32 images (`small_input`)
+    one linear layer; nothing when `num_classes` is 0."""
+    if not num_classes:
+        return nn.Identity()
+    if small_input:
+        return nn.Linear(num_features, num_classes)
+    layers = []
+    for cin in (num_features, 4096):
+        block = [nn.Linear(cin, 4096), nn.ReLU(inplace=True)]
+        layers += [nn.Dropout(0.5), *block] if dropout_first else [*block, nn.Dropout(0.5)]
+    return nn.Sequential(*layers, nn.Linear(4096, num_classes))
+
+
 class TappedFeatures:
     """For backbones built as one `self.features` Sequential: `self._taps` maps a layer index to 'c2'..'c5'."""
+
+    def set_taps(self, geometry: list[tuple[int, int]]) -> None:
+        """`geometry`: (stride, output channels) of each layer of `features`. Taps the last layer working at each
+        of strides 4, 8, 16, 32 and fills `out_channels` and `strides`."""
+        self.out_channels: dict[str, int] = {}
+        self.strides: dict[str, int] = {}
+        last_at: dict[str, int] = {}  # level -> index of the last layer working at its stride
+        stride = 1
+        for index, (layer_stride, cout) in enumerate(geometry):
+            stride *= layer_stride
+            level = f"c{stride.bit_length() - 1}"
+            if level in LEVELS:
+                last_at[level] = index
+                self.out_channels[level] = cout
+                self.strides[level] = stride
+        self._taps = {index: level for level, index in last_at.items()}
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = {}
