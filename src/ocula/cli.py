@@ -147,28 +147,62 @@ def cmd_predict(args):
     return 1 if failed else 0
 
 
-def cmd_inspect_rf(args):
-    from ocula.models.detection.receptive_field import feature_cell_box, receptive_field
+def cmd_inspect(args):
+    from ocula.models.detection.receptive_field import feature_cell_box
+    from ocula.models.inspect import inspect_model
 
+    model, size, channels = _model_to_inspect(args)
+    found = inspect_model(model, size, channels)
+    print(f"{'layer':34s} {'type':>17s} {'output':>16s} {'params':>11s} {'MFLOPs':>9s} {'RF':>7s} {'jump':>5s}")
+    for r in found.rows:
+        rf = (_fmt(r.rf.r), _fmt(r.rf.j)) if r.rf else ("", "")
+        print(f"{r.name[-34:]:34s} {r.kind[:17]:>17s} {'x'.join(map(str, r.shape)):>16s} {r.params:>11,} "
+              f"{r.flops / 1e6:>9.2f} {rf[0]:>7s} {rf[1]:>5s}")
+    print(f"total: {found.params:,} parameters, {found.flops / 1e6:,.1f} MFLOPs ({found.flops / 2e6:,.1f} M "
+          f"multiply-adds) per {size[0]}x{size[1]}x{channels} image")
+    if args.cell:
+        last = [r.rf for r in found.rows if r.rf][-1]
+        print(f"feature cell {tuple(args.cell)} of {last.name} (receptive field {_fmt(last.r)}, jump {_fmt(last.j)}, "
+              f"start {_fmt(last.start)}) sees image box (x0, y0, x1, y1) = "
+              f"{tuple(round(v, 1) for v in feature_cell_box(last, *args.cell))}")
+
+
+def _model_to_inspect(args):
+    """(module, (height, width), channels) for a model file, a backbone name or an architecture name + --arg."""
     if Path(args.model).is_file():
         import ocula
 
-        model = ocula.load(args.model, device="cpu").module
+        model = ocula.load(args.model, device="cpu")
         pre = model.info.preprocess
-        size, channels = tuple(pre.get("input_size", (args.size, args.size))), pre.get("channels", 3)
-    else:
-        from ocula.models.backbones import build_backbone
+        size = tuple(args.size or pre.get("input_size", (224, 224)))
+        return model.module, size, pre.get("channels", 3)
+    from ocula.models import ARCHITECTURES, build
+    from ocula.models.backbones import build_backbone, list_backbones
 
-        model, size, channels = build_backbone(args.model), (args.size, args.size), 3
-    rows = receptive_field(model.eval(), size, channels)
-    print(f"{'layer':36s} {'kernel':>8s} {'stride':>8s} {'pad':>6s} {'RF':>10s} {'jump':>8s} {'start':>12s}")
-    for r in rows:
-        print(f"{r.name[:36]:36s} {_fmt(r.kernel):>8s} {_fmt(r.stride):>8s} {_fmt(r.padding):>6s} {_fmt(r.r):>10s} "
-              f"{_fmt(r.j):>8s} {_fmt(r.start):>12s}")
-    if rows and args.cell:
-        i, j = args.cell
-        print(f"feature cell ({i}, {j}) of {rows[-1].name} sees image box (x0, y0, x1, y1) = "
-              f"{tuple(round(v, 1) for v in feature_cell_box(rows[-1], i, j))}")
+    kwargs = dict(_key_value(a) for a in args.arg)
+    if args.model in list_backbones():
+        builder = build_backbone
+    elif args.model in ARCHITECTURES:
+        builder = build
+    else:
+        raise OculaError(f"{args.model!r} is neither a model file nor an architecture; known: "
+                         f"{', '.join(list_backbones() + sorted(ARCHITECTURES))}")
+    try:
+        model = builder(args.model, **kwargs)
+    except TypeError as e:  # a missing or unknown keyword
+        raise OculaError(f"cannot build {args.model} with {kwargs}: {e}") from None
+    return model, tuple(args.size or (224, 224)), kwargs.get("in_channels", 3)
+
+
+def _key_value(text: str):
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise OculaError(f"--arg takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def cmd_filters(args):
@@ -353,12 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs (a cluster job array); under torchrun the ranks split them by themselves")
     device(c)
 
-    inspect = sub.add_parser("inspect", help="look inside models")
-    isub = inspect.add_subparsers(dest="inspect_command", required=True)
-    c = command("receptive-field", cmd_inspect_rf, "receptive field, jump and start per layer", isub)
-    c.add_argument("model", help="model file or backbone name (resnet18, ...)")
-    c.add_argument("--size", type=int, default=224, help="input size for a backbone name")
-    c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
+    c = command("inspect", cmd_inspect, "per layer: output shape, parameters, FLOPs, receptive field and jump")
+    c.add_argument("model", help="a model file, or a backbone / architecture name (resnet18, mobilenet_v1, ...)")
+    c.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of the named architecture, e.g. --arg width_mult=0.5 --arg small_input=true")
+    c.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the model file's, else 224 224)")
+    c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="map this cell of the last conv / pool layer back to its box in the image")
 
     c = command("filters", cmd_filters, "the lecture's filter panels on an image: Gaussian, Prewitt, Sobel, "
                 "gradient magnitude and orientation, Laplacian, LoG, DoG, a Gabor bank (borders reflect-101)")
