@@ -168,3 +168,18 @@ def test_train_cifar_sized_mobilenet_through_the_classify_task(tmp_path):
     again = ocula.load(tmp_path / "classify" / "shapes-mobilenet_v2" / "model.ocula")
     # A quarter of 96 channels at stride 4; the 1280-wide last conv is kept at widths below 1, as in the paper.
     assert again.module.net.out_channels == model.module.net.out_channels == {"c2": 24, "c3": 1280}
+
+
+def test_classify_stops_at_a_minutes_budget(tmp_path):
+    """--minutes ends a classifier's run at the wall-clock budget, mid-epoch if need be."""
+    import csv
+
+    import ocula
+    from synthetic import class_folder
+
+    data = class_folder(tmp_path / "shapes", size=32, per_class=12)
+    ocula.train(str(data), "resnet18", epochs=50, batch_size=4, minutes=0.05, runs_dir=tmp_path, progress=False,
+                threads=1)
+    with open(tmp_path / "classify" / "shapes-resnet18" / "metrics.csv", newline="") as f:
+        epochs = len(list(csv.DictReader(f)))
+    assert 1 <= epochs < 50

@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
-    c.add_argument("--minutes", type=float, help="detect: wall-clock budget (default 40); with --epochs, "
-                   "whichever ends first")
+    c.add_argument("--minutes", type=float, help="detect and classify: wall-clock budget (detect: default 40); "
+                   "with --epochs, whichever ends first")
     c.add_argument("--steps-per-epoch", type=int, help="detect: batches between validations")
     c.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="detect: size images are fitted to")
     c.add_argument("--weights", help="detect: torchvision ImageNet checkpoint (.pth) for faster-rcnn's backbone")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ocula.data.classification import ImageSet
 from ocula.engine.batches import ArrayBatches, random_affine
+from ocula.engine.callbacks import LearningRateBudget
 from ocula.engine.trainer import TrainConfig, Trainer
 from ocula.errors import OculaError
 from ocula.fileio import write_json
@@ -21,7 +22,7 @@ from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", *list_backbones())
-OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None)
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None, minutes=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths
@@ -111,9 +112,10 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None):
+              arch_args: dict | None = None, minutes: float | None = None):
     """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
-    history)."""
+    history). `minutes`: stop at this wall-clock budget (or after config.epochs), the learning rate warming up and
+    then following a cosine over the budget so the run ends at a low rate wherever it stops."""
     from ocula.engine.device import runtime
 
     args = arch_args or cnn_args(train)
@@ -139,6 +141,9 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
 
     trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, evaluate_fn=evaluate_fn, info=info,
                       run_dir=run_dir, progress=progress)
+    if minutes:
+        # Set after the trainer's own schedule each step, so the budget's rate is the one used.
+        trainer.callbacks.append(LearningRateBudget(seconds=minutes * 60, steps=config.epochs * len(batches)))
     history = trainer.fit(resume=resume)
     return trainer.model, info, history
 
@@ -260,10 +265,10 @@ def show(data: ImageSet, n: int, path: Path) -> Path:
 
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
-          widths: list[int] | None = None, width_mult: float | None = None):
+          widths: list[int] | None = None, width_mult: float | None = None, minutes: float | None = None):
     """Fit on the train split, select on val (the dataset's own, else a stratified `val_fraction` of train), and
     score the test split once when there is one. `widths`: the cnn's stage widths; `width_mult`: a MobileNet's
-    width multiplier. Returns (model with .info, summary)."""
+    width multiplier; `minutes`: a wall-clock budget (see `train_cnn`). Returns (model with .info, summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
@@ -277,7 +282,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
         arch, args = ("cnn", cnn_args(fit_set, widths=widths)) if model_name == "cnn" else \
             ("backbone-classifier", backbone_args(fit_set, model_name, width_mult))
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
-                                   arch=arch, arch_args=args)
+                                   arch=arch, arch_args=args, minutes=minutes)
         if val_set is not None and (run_dir / "best.ocula").is_file():
             from ocula.modelfile import load_model
 
