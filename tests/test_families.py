@@ -183,3 +183,21 @@ def test_classify_stops_at_a_minutes_budget(tmp_path):
     with open(tmp_path / "classify" / "shapes-resnet18" / "metrics.csv", newline="") as f:
         epochs = len(list(csv.DictReader(f)))
     assert 1 <= epochs < 50
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "resnet18", "googlenet"])
+def test_fresh_batch_norms_see_unit_scale_inputs(name):
+    """A BatchNorm's running variance starts at 1, so a fresh network must feed it inputs of about that variance:
+    else eval mode divides by the wrong scale until the running statistics have forgotten their start. Kaiming
+    fan-out counted over all groups (torch's formula) gives depthwise convs outputs of variance ~1 / channels,
+    which made MobileNets trained for a few hundred steps predict one class in eval mode."""
+    torch.manual_seed(0)
+    model = build_backbone(name, num_classes=10, small_input=True).train()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(float(args[0].var((0, 2, 3)).mean())))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert min(seen) > 0.05, min(seen)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
 def init_weights(model: nn.Module, *, linear_std: float | None = 0.01) -> None:
-    """Kaiming (fan-out, ReLU gain) convolutions, unit norms, and N(0, linear_std) linear layers when given."""
+    """Kaiming (fan-out, ReLU gain) convolutions, unit norms, and N(0, linear_std) linear layers when given.
+
+    The fan-out of a grouped conv counts only its group (9 for a 3x3 depthwise conv): torch's formula counts all
+    channels, which leaves depthwise outputs ~1 / channels in variance, far from the running variance (1) a
+    BatchNorm starts with, and a briefly trained MobileNet then predicts one class in eval mode."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            fan_out = m.out_channels // m.groups * m.weight[0, 0].numel()
+            with torch.no_grad():  # as kaiming_normal_ draws it (one normal_ call), so ungrouped convs are unchanged
+                m.weight.normal_(0, math.sqrt(2.0) / math.sqrt(fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
