@@ -96,7 +96,8 @@ def main():
              "the run's last epoch (a budget shorter than an epoch stops mid-epoch). MFLOPs are FlopCounterMode "
              "counts (2 per multiply-add) for one 32x32 image. Inference: best of several runs, float32, "
              f"{args.threads} threads. A load average above 2 means other jobs shared the two cores.")
-    record("CIFAR-10: CNN families", body)
+    subset = "" if args.families == FAMILIES else f" ({', '.join(args.families)})"  # a rerun keeps the full table
+    record(f"CIFAR-10: CNN families{subset}", body)
 
 
 if __name__ == "__main__":
