@@ -14,6 +14,7 @@ from ocula.models.backbones import (FPN, BackboneWithFPN, FrozenBatchNorm2d, bui
                                     list_backbones, load_weights)
 
 NAMES = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "vgg11_bn"]
+FAMILIES = ["alexnet", "googlenet", "mobilenet_v1", "vgg11", "vgg16", "vgg16_bn"]  # no fixtures: test_families.py
 
 
 @functools.cache
@@ -26,7 +27,7 @@ def reference_module(folder):
 
 
 def test_registry_lists_every_backbone():
-    assert list_backbones() == sorted(NAMES)
+    assert list_backbones() == sorted(NAMES + FAMILIES)
     with pytest.raises(OculaError, match="unknown backbone 'resnet9'"):
         build_backbone("resnet9")
 
@@ -46,7 +47,7 @@ def test_matches_torchvision(name, fixtures):
     assert (logits - torch.tensor(spec["logits"])).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILIES)
 def test_forward_features_levels(name):
     model = build_backbone(name, num_classes=0).eval()
     with torch.no_grad():
@@ -54,8 +55,8 @@ def test_forward_features_levels(name):
         pooled = model(torch.zeros(1, 3, 64, 64))
     assert list(feats) == ["c2", "c3", "c4", "c5"]
     assert model.strides == {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
-    for level, fmap in feats.items():
-        side = 64 // model.strides[level]
+    for i, (level, fmap) in enumerate(feats.items()):
+        side = [15, 7, 3, 1][i] if name == "alexnet" else 64 // model.strides[level]  # unpadded 11x11 conv, pools
         assert fmap.shape == (1, model.out_channels[level], side, side), level
     assert pooled.shape == (1, model.num_features)
 

@@ -67,8 +67,8 @@ def cmd_data_convert(args):
 TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing",
                   "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
-                  "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
-                  "input_size", "embedder", "k", "labels_per_class", "encoder",
+                  "val_fraction", "widths", "width_mult", "fold", "crop", "crops_per_epoch", "minutes",
+                  "steps_per_epoch", "weights", "input_size", "embedder", "k", "labels_per_class", "encoder",
                   "code_size", "penalty", "sparsity", "rho", "noise", "noise_level", "likelihood", "kl_warmup",
                   "binarize", "iw_samples", "feature_model")
 
@@ -149,28 +149,78 @@ def cmd_predict(args):
     return 1 if failed else 0
 
 
-def cmd_inspect_rf(args):
-    from ocula.models.detection.receptive_field import feature_cell_box, receptive_field
+def cmd_inspect(args):
+    from ocula.models.detection.receptive_field import feature_cell_box
+    from ocula.models.inspect import inspect_model
 
+    model, size, channels = _model_to_inspect(args)
+    found = inspect_model(model, size, channels)
+    print(f"{'layer':34s} {'type':>17s} {'output':>16s} {'params':>11s} {'MFLOPs':>9s} {'RF':>7s} {'jump':>5s}")
+    for r in found.rows:
+        rf = (_fmt(r.rf.r), _fmt(r.rf.j)) if r.rf else ("", "")
+        print(f"{r.name[-34:]:34s} {r.kind[:17]:>17s} {'x'.join(map(str, r.shape)):>16s} {r.params:>11,} "
+              f"{r.flops / 1e6:>9.2f} {rf[0]:>7s} {rf[1]:>5s}")
+    print(f"total: {found.params:,} parameters, {found.flops / 1e6:,.1f} MFLOPs ({found.flops / 2e6:,.1f} M "
+          f"multiply-adds) per {size[0]}x{size[1]}x{channels} image")
+    if args.cell:
+        last = [r.rf for r in found.rows if r.rf][-1]
+        print(f"feature cell {tuple(args.cell)} of {last.name} (receptive field {_fmt(last.r)}, jump {_fmt(last.j)}, "
+              f"start {_fmt(last.start)}) sees image box (x0, y0, x1, y1) = "
+              f"{tuple(round(v, 1) for v in feature_cell_box(last, *args.cell))}")
+
+
+def _model_to_inspect(args):
+    """(module, (height, width), channels) for a model file, a backbone name or an architecture name + --arg."""
     if Path(args.model).is_file():
         import ocula
 
-        model = ocula.load(args.model, device="cpu").module
+        model = ocula.load(args.model, device="cpu")
         pre = model.info.preprocess
-        size, channels = tuple(pre.get("input_size", (args.size, args.size))), pre.get("channels", 3)
-    else:
-        from ocula.models.backbones import build_backbone
+        size = tuple(args.size or pre.get("input_size", (224, 224)))
+        return model.module, size, pre.get("channels", 3)
+    from ocula.models import ARCHITECTURES, build
+    from ocula.models.backbones import build_backbone, list_backbones
 
-        model, size, channels = build_backbone(args.model), (args.size, args.size), 3
-    rows = receptive_field(model.eval(), size, channels)
-    print(f"{'layer':36s} {'kernel':>8s} {'stride':>8s} {'pad':>6s} {'RF':>10s} {'jump':>8s} {'start':>12s}")
-    for r in rows:
-        print(f"{r.name[:36]:36s} {_fmt(r.kernel):>8s} {_fmt(r.stride):>8s} {_fmt(r.padding):>6s} {_fmt(r.r):>10s} "
-              f"{_fmt(r.j):>8s} {_fmt(r.start):>12s}")
-    if rows and args.cell:
-        i, j = args.cell
-        print(f"feature cell ({i}, {j}) of {rows[-1].name} sees image box (x0, y0, x1, y1) = "
-              f"{tuple(round(v, 1) for v in feature_cell_box(rows[-1], i, j))}")
+    kwargs = dict(_key_value(a) for a in args.arg)
+    if args.model in list_backbones():
+        builder = build_backbone
+    elif args.model in ARCHITECTURES:
+        builder = build
+    else:
+        raise OculaError(f"{args.model!r} is neither a model file nor an architecture; known: "
+                         f"{', '.join(list_backbones() + sorted(ARCHITECTURES))}")
+    try:
+        model = builder(args.model, **kwargs)
+    except TypeError as e:  # a missing or unknown keyword
+        raise OculaError(f"cannot build {args.model} with {kwargs}: {e}") from None
+    return model, tuple(args.size or (224, 224)), kwargs.get("in_channels", 3)
+
+
+def _key_value(text: str):
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise OculaError(f"--arg takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_filters(args):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ocula.data.images import open_image, to_mode
+    from ocula.filters import lecture_panels
+    from ocula.plots import filter_panels
+
+    image = to_mode(open_image(args.image), "L")
+    image.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)  # sigma is in pixels of this size
+    gray = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    panels = [(t, m.numpy(), kind) for t, m, kind in lecture_panels(gray, sigma=args.sigma)]
+    print(filter_panels(panels, args.out, title=f"{Path(args.image).name} ({image.width}x{image.height}, grey)"))
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -297,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
                    "no val split (default 0.1)")
     c.add_argument("--widths", type=int, nargs="+", help="classify: the cnn's stage widths (default 32 64 128)")
+    c.add_argument("--width-mult", type=float, help="classify: a MobileNet's width multiplier (default 1.0)")
     c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
     c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
     c.add_argument("--labels-per-class", type=int, help="classify: train on this many labelled images per class")
@@ -316,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
-    c.add_argument("--minutes", type=float, help="detect: wall-clock budget (default 40); with --epochs, "
-                   "whichever ends first")
+    c.add_argument("--minutes", type=float, help="detect and classify: wall-clock budget (detect: default 40); "
+                   "with --epochs, whichever ends first")
     c.add_argument("--steps-per-epoch", type=int, help="detect: batches between validations")
     c.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="detect: size images are fitted to")
     c.add_argument("--weights", help="detect: torchvision ImageNet checkpoint (.pth) for faster-rcnn's backbone")
@@ -370,12 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs (a cluster job array); under torchrun the ranks split them by themselves")
     device(c)
 
-    inspect = sub.add_parser("inspect", help="look inside models")
-    isub = inspect.add_subparsers(dest="inspect_command", required=True)
-    c = command("receptive-field", cmd_inspect_rf, "receptive field, jump and start per layer", isub)
-    c.add_argument("model", help="model file or backbone name (resnet18, ...)")
-    c.add_argument("--size", type=int, default=224, help="input size for a backbone name")
-    c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"), help="map this cell of the last layer back")
+    c = command("inspect", cmd_inspect, "per layer: output shape, parameters, FLOPs, receptive field and jump")
+    c.add_argument("model", help="a model file, or a backbone / architecture name (resnet18, mobilenet_v1, ...)")
+    c.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of the named architecture, e.g. --arg width_mult=0.5 --arg small_input=true")
+    c.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size (default: the model file's, else 224 224)")
+    c.add_argument("--cell", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="map this cell of the last conv / pool layer back to its box in the image")
+
+    c = command("filters", cmd_filters, "the lecture's filter panels on an image: Gaussian, Prewitt, Sobel, "
+                "gradient magnitude and orientation, Laplacian, LoG, DoG, a Gabor bank (borders reflect-101)")
+    c.add_argument("image")
+    c.add_argument("--out", default="filters.png", help="the panel PNG")
+    c.add_argument("--sigma", type=float, default=2.0, help="Gaussian scale in pixels (after --max-side)")
+    c.add_argument("--max-side", type=int, default=512, help="shrink the image to this long side first")
 
     c = command("embed", cmd_embed, "penultimate-layer embeddings of a dataset split: a vector file "
                 "(safetensors: vectors, labels, ids), or with --out X.ocula a nearest-neighbour recogniser over them "

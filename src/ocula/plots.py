@@ -48,3 +48,27 @@ def image_grid(images, titles, path: str | Path, *, value_max: float = 255.0, co
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def filter_panels(panels, path: str | Path, *, cols: int = 4, title: str = "") -> Path:
+    """(title, [H, W] array, kind) panels from `ocula.filters.lecture_panels`: images in grey, signed responses
+    on a diverging map centred on zero, magnitudes in grey, angles on a cyclic map."""
+    plt = pyplot()
+    rows = math.ceil(len(panels) / cols)
+    h, w = np.asarray(panels[0][1]).shape
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows * h / w + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, image, kind) in zip(axes.flat, panels):
+        image = np.asarray(image, dtype=np.float32)
+        if kind == "signed":
+            bound = float(np.percentile(np.abs(image), 99.5)) or 1.0  # a few strong edges must not wash out the rest
+            ax.imshow(image, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        elif kind == "angle":
+            ax.imshow(image, cmap="twilight", vmin=-np.pi, vmax=np.pi)
+        else:
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1 if kind == "image" else float(image.max()) or 1.0)
+        ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

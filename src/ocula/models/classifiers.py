@@ -110,23 +110,23 @@ class SmallCNN(nn.Module):
 
 
 class BackboneClassifier(nn.Module):
-    """A named backbone (resnet18, mobilenet_v2, ...) as a classifier of images in their native value range.
+    """A named backbone (alexnet, vgg16_bn, googlenet, resnet18, mobilenet_v1, ...) as a classifier of images in
+    their native value range.
 
-    `small_input` swaps an ImageNet stem (stride 4 before the first stage) for a 3x3 stride-1 convolution, as is
-    usual for 32x32 images such as CIFAR-10: the last stage then sees 4x4 maps instead of 1x1."""
+    `small_input` gives the backbone its 32x32 stem (e.g. CIFAR-10): no stride 4 before the first stage, so the
+    last stage sees 4x4 maps instead of 1x1 (each backbone's docstring says how). `width_mult` thins or widens
+    a MobileNet."""
 
     def __init__(self, *, backbone: str, num_classes: int, in_channels: int = 3, value_max: float = 255.0,
-                 mean: float | list[float] = 0.5, std: float | list[float] = 0.25, small_input: bool = False):
+                 mean: float | list[float] = 0.5, std: float | list[float] = 0.25, small_input: bool = False,
+                 width_mult: float | None = None):
         super().__init__()
         from ocula.models.backbones import build_backbone
 
         self.normalize = Normalize(value_max, mean, std)
-        self.net = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
-        if small_input:
-            if not hasattr(self.net, "maxpool"):
-                raise ValueError(f"small_input needs a ResNet-style stem; {backbone} has none")
-            self.net.conv1 = nn.Conv2d(in_channels, self.net.conv1.out_channels, 3, padding=1, bias=False)
-            self.net.maxpool = nn.Identity()
+        width = {} if width_mult is None else {"width_mult": width_mult}
+        self.net = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels,
+                                  small_input=small_input, **width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ocula.data.classification import ImageSet
 from ocula.engine.batches import ArrayBatches, random_affine
+from ocula.engine.callbacks import LearningRateBudget
 from ocula.engine.trainer import TrainConfig, Trainer
 from ocula.errors import OculaError
 from ocula.fileio import write_json
@@ -23,7 +24,8 @@ from ocula.models.classifiers import RBFSVC
 MODELS = ("cnn", "svc", *list_backbones())
 # labels_per_class: train on that many labelled images of each class (seeded); encoder: a conv autoencoder's file
 # (ocula.tasks.represent) whose encoder initialises the cnn's feature layers.
-OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, labels_per_class=0, encoder=None)
+OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None, minutes=None,
+               labels_per_class=0, encoder=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths
@@ -90,10 +92,15 @@ def cnn_args(train: ImageSet, **overrides) -> dict:
     return args
 
 
-def backbone_args(train: ImageSet, backbone: str) -> dict:
+def backbone_args(train: ImageSet, backbone: str, width_mult: float | None = None) -> dict:
     mean, std = _stats(train)
-    return dict(backbone=backbone, num_classes=len(train.classes), in_channels=train.channels,
+    args = dict(backbone=backbone, num_classes=len(train.classes), in_channels=train.channels,
                 value_max=train.value_max, mean=mean, std=std, small_input=min(train.images.shape[1:3]) <= 64)
+    if width_mult is not None:
+        if not backbone.startswith("mobilenet"):
+            raise OculaError(f"width_mult thins the MobileNets; {backbone} has no width multiplier")
+        args["width_mult"] = width_mult
+    return args
 
 
 def labelled_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
@@ -118,9 +125,11 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None, features: dict | None = None):
+              arch_args: dict | None = None, features: dict | None = None, minutes: float | None = None):
     """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine, its feature layers
-    initialised from `features` (a pretrained encoder's state) when given; returns (model, info, history)."""
+    initialised from `features` (a pretrained encoder's state) when given; returns (model, info, history).
+    `minutes`: stop at this wall-clock budget (or after config.epochs), the learning rate warming up and then
+    following a cosine over the budget so the run ends at a low rate wherever it stops."""
     from ocula.engine.device import runtime
 
     args = arch_args or cnn_args(train)
@@ -148,6 +157,9 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
 
     trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, evaluate_fn=evaluate_fn, info=info,
                       run_dir=run_dir, progress=progress)
+    if minutes:
+        # Set after the trainer's own schedule each step, so the budget's rate is the one used.
+        trainer.callbacks.append(LearningRateBudget(seconds=minutes * 60, steps=config.epochs * len(batches)))
     history = trainer.fit(resume=resume)
     return trainer.model, info, history
 
@@ -269,11 +281,13 @@ def show(data: ImageSet, n: int, path: Path) -> Path:
 
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
-          widths: list[int] | None = None, labels_per_class: int = 0, encoder: str | None = None):
+          widths: list[int] | None = None, width_mult: float | None = None, minutes: float | None = None,
+          labels_per_class: int = 0, encoder: str | None = None):
     """Fit on the train split (or `labels_per_class` images of each class), select on val (the dataset's own, else
     a stratified `val_fraction` of the training images), and score the test split once when there is one.
-    `widths`: the cnn's stage widths; `encoder`: a conv autoencoder file whose encoder initialises them. Returns
-    (model with .info, summary)."""
+    `widths`: the cnn's stage widths; `width_mult`: a MobileNet's width multiplier; `minutes`: a wall-clock budget
+    (see `train_cnn`); `encoder`: a conv autoencoder file whose encoder initialises the cnn. Returns (model with
+    .info, summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
@@ -294,11 +308,11 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
                             if "val" in have else split_validation(train_set, val_fraction, config.seed))
         widths = widths or DATASET_WIDTHS.get(data, CNN_WIDTHS)
         arch, args = ("cnn", cnn_args(fit_set, widths=widths)) if model_name == "cnn" else \
-            ("backbone-classifier", backbone_args(fit_set, model_name))
+            ("backbone-classifier", backbone_args(fit_set, model_name, width_mult))
         if features is not None:
             args.update(encoder_args)
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
-                                   arch=arch, arch_args=args, features=features)
+                                   arch=arch, arch_args=args, features=features, minutes=minutes)
         if val_set is not None and (run_dir / "best.ocula").is_file():
             from ocula.modelfile import load_model
 

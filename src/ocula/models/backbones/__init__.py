@@ -2,8 +2,9 @@
 
 Every backbone shares one face: `forward(x)` -> logits, `forward_features(x)` -> {'c2'..'c5': map at stride
 4..32}, and the attributes `out_channels` and `strides` (dicts keyed like the maps). Builders take keyword-only
-`num_classes` (0: no classifier), `in_channels`, `norm_layer` ('batch', 'group' or a callable) and, for the
-MobileNets, `width_mult`. `freeze_batch_norm` fixes a BatchNorm backbone's statistics for fine-tuning.
+`num_classes` (0: no classifier), `in_channels`, `small_input` (a stem for 32x32 images), `norm_layer` ('batch',
+'group' or a callable; not AlexNet, which has none) and, for the MobileNets, `width_mult`. `freeze_batch_norm`
+fixes a BatchNorm backbone's statistics for fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from torch import nn
 
 from ocula.errors import OculaError
 
-from . import mobilenet, resnet, vgg
+from . import alexnet, googlenet, mobilenet, resnet, vgg
 from .fpn import FPN, BackboneWithFPN
 from .norms import FrozenBatchNorm2d, freeze_batch_norm, group_norm
 from .weights import load_weights, read_state_dict
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {**resnet.MODELS, **mobilenet.MODELS, **vgg.MODELS}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {**alexnet.MODELS, **vgg.MODELS, **googlenet.MODELS, **resnet.MODELS,
+                                                   **mobilenet.MODELS}
 
 
 def list_backbones() -> list[str]:

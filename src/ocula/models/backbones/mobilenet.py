@@ -1,4 +1,5 @@
-"""MobileNet v2 and v3 (large, small) with torchvision's parameter names, so its ImageNet checkpoints load strictly."""
+"""MobileNet v1 (the paper's 28-layer table), v2 and v3 (large, small); v2 and v3 with torchvision's parameter
+names, so its ImageNet checkpoints load strictly. Every builder takes `width_mult` and `small_input`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from torch import nn
 from .base import TappedFeatures, init_weights
 from .norms import Norm, resolve_norm
 
-LEVELS = ("c2", "c3", "c4", "c5")
+def stride_plan(small_input: bool) -> Callable[[int], int]:
+    """Strides for the layers in order: for 32x32 images (`small_input`) the first two stride-2 layers (the stem
+    and the first downsampling block) keep stride 1, so the last stage works on 4x4 maps instead of 1x1."""
+    skips = [2 if small_input else 0]
+
+    def stride(s: int) -> int:
+        if s == 2 and skips[0]:
+            skips[0] -= 1
+            return 1
+        return s
+
+    return stride
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -84,8 +96,9 @@ class InvertedResidualV3(nn.Module):
 class MobileNet(TappedFeatures, nn.Module):
     """`features` (a Sequential of stem, inverted-residual blocks and a last 1x1 conv), then pool and `classifier`.
 
-    The builders below fill it for v2 and v3. `forward_features(x)` returns, for strides 4, 8, 16, 32, the
-    output of the last layer working at that stride ('c2'..'c5'; 'c5' is the full `features` output).
+    The builders below fill it for v1, v2 and v3. `forward_features(x)` returns, for strides 4, 8, 16, 32, the
+    output of the last layer working at that stride ('c2'..'c5'; 'c5' is the full `features` output; a
+    `small_input` net stops at stride 8, 'c3').
     `num_classes=0` leaves out the classifier, and `forward` then returns the pooled features.
     """
 
@@ -95,24 +108,33 @@ class MobileNet(TappedFeatures, nn.Module):
         super().__init__()
         self.features = nn.Sequential(*(layer for layer, _, _ in layers))
         self.classifier = classifier
-        self.out_channels: dict[str, int] = {}
-        self.strides: dict[str, int] = {}
-        last_at: dict[str, int] = {}  # level -> index of the last layer working at its stride
-        stride = 1
-        for index, (_, layer_stride, cout) in enumerate(layers):
-            stride *= layer_stride
-            level = f"c{stride.bit_length() - 1}"
-            if level in LEVELS:
-                last_at[level] = index
-                self.out_channels[level] = cout
-                self.strides[level] = stride
-        self._taps = {index: level for level, index in last_at.items()}
+        self.set_taps([(stride, cout) for _, stride, cout in layers])
         self.num_features = layers[-1][2]
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)["c5"]
-        return self.classifier(x.mean((2, 3)))
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+# MobileNetV1 (Howard et al. 2017, Table 1): after a 3x3 stride-2 conv to 32 channels, depthwise-separable pairs
+# (3x3 depthwise with this stride, then 1x1 to these channels). The paper's table gives the last depthwise
+# conv stride 2, but its own next row takes a 7x7 input: that stride is 1, as in every implementation.
+V1_BLOCKS = [(1, 64), (2, 128), (1, 128), (2, 256), (1, 256), (2, 512),
+             (1, 512), (1, 512), (1, 512), (1, 512), (1, 512), (2, 1024), (1, 1024)]
+
+
+def mobilenet_v1(*, num_classes: int = 1000, in_channels: int = 3, norm_layer: str | Norm | None = None,
+                 width_mult: float = 1.0, small_input: bool = False) -> MobileNet:
+    """28 layers: the stem, 13 depthwise + 13 pointwise convs (each with BatchNorm and ReLU), pool, fc."""
+    norm, stride = resolve_norm(norm_layer, nn.BatchNorm2d), stride_plan(small_input)
+    cin, s = make_divisible(32 * width_mult), stride(2)
+    layers = [(ConvNormAct(in_channels, cin, 3, stride=s, norm=norm, act=nn.ReLU), s, cin)]
+    for s, c in V1_BLOCKS:
+        cout, s = make_divisible(c * width_mult), stride(s)
+        layers.append((ConvNormAct(cin, cin, 3, stride=s, groups=cin, norm=norm, act=nn.ReLU), s, cin))
+        layers.append((ConvNormAct(cin, cout, 1, norm=norm, act=nn.ReLU), 1, cout))
+        cin = cout
+    return MobileNet(layers=layers, classifier=nn.Linear(cin, num_classes) if num_classes else nn.Identity())
 
 
 # MobileNetV2 stages: expansion t, output channels c, repeats n, first stride s.
@@ -120,15 +142,15 @@ V2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96,
 
 
 def mobilenet_v2(*, num_classes: int = 1000, in_channels: int = 3, norm_layer: str | Norm | None = None,
-                 width_mult: float = 1.0) -> MobileNet:
-    norm = resolve_norm(norm_layer, nn.BatchNorm2d)
-    cin = make_divisible(32 * width_mult)
-    layers = [(ConvNormAct(in_channels, cin, 3, stride=2, norm=norm, act=nn.ReLU6), 2, cin)]
-    for t, c, n, s in V2_STAGES:
+                 width_mult: float = 1.0, small_input: bool = False) -> MobileNet:
+    norm, stride = resolve_norm(norm_layer, nn.BatchNorm2d), stride_plan(small_input)
+    cin, s = make_divisible(32 * width_mult), stride(2)
+    layers = [(ConvNormAct(in_channels, cin, 3, stride=s, norm=norm, act=nn.ReLU6), s, cin)]
+    for t, c, n, first in V2_STAGES:
         cout = make_divisible(c * width_mult)
         for i in range(n):
-            stride = s if i == 0 else 1
-            layers.append((InvertedResidualV2(cin=cin, cout=cout, stride=stride, expand=t, norm=norm), stride, cout))
+            s = stride(first if i == 0 else 1)
+            layers.append((InvertedResidualV2(cin=cin, cout=cout, stride=s, expand=t, norm=norm), s, cout))
             cin = cout
     last = make_divisible(1280 * max(1.0, width_mult))  # thinner nets keep the full-width head
     layers.append((ConvNormAct(cin, last, 1, norm=norm, act=nn.ReLU6), 1, last))
@@ -153,16 +175,18 @@ V3_SMALL = [
 
 
 def _mobilenet_v3(blocks: list[tuple], head_width: int, *, num_classes: int = 1000, in_channels: int = 3,
-                  norm_layer: str | Norm | None = None, width_mult: float = 1.0) -> MobileNet:
+                  norm_layer: str | Norm | None = None, width_mult: float = 1.0,
+                  small_input: bool = False) -> MobileNet:
     # The reference training used these BatchNorm settings; the running statistics depend on them.
     norm = resolve_norm(norm_layer, partial(nn.BatchNorm2d, eps=0.001, momentum=0.01))
-    cin = make_divisible(16 * width_mult)
-    layers = [(ConvNormAct(in_channels, cin, 3, stride=2, norm=norm, act=nn.Hardswish), 2, cin)]
-    for kernel, hidden, cout, se, hs, stride in blocks:
-        hidden, cout = make_divisible(hidden * width_mult), make_divisible(cout * width_mult)
+    stride = stride_plan(small_input)
+    cin, s = make_divisible(16 * width_mult), stride(2)
+    layers = [(ConvNormAct(in_channels, cin, 3, stride=s, norm=norm, act=nn.Hardswish), s, cin)]
+    for kernel, hidden, cout, se, hs, s in blocks:
+        hidden, cout, s = make_divisible(hidden * width_mult), make_divisible(cout * width_mult), stride(s)
         block = InvertedResidualV3(cin=cin, kernel=kernel, hidden=hidden, cout=cout, se=se,
-                                   act=nn.Hardswish if hs else nn.ReLU, stride=stride, norm=norm)
-        layers.append((block, stride, cout))
+                                   act=nn.Hardswish if hs else nn.ReLU, stride=s, norm=norm)
+        layers.append((block, s, cout))
         cin = cout
     layers.append((ConvNormAct(cin, 6 * cin, 1, norm=norm, act=nn.Hardswish), 1, 6 * cin))
     hidden = make_divisible(head_width * width_mult)
@@ -179,5 +203,5 @@ def mobilenet_v3_small(**kwargs) -> MobileNet:
     return _mobilenet_v3(V3_SMALL, 1024, **kwargs)
 
 
-MODELS = {"mobilenet_v2": mobilenet_v2, "mobilenet_v3_large": mobilenet_v3_large,
+MODELS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "mobilenet_v3_large": mobilenet_v3_large,
           "mobilenet_v3_small": mobilenet_v3_small}

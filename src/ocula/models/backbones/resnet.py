@@ -74,6 +74,8 @@ def shortcut(cin: int, cout: int, stride: int, norm: Norm) -> nn.Module | None:
 class ResNet(nn.Module):
     """Stem (7x7 conv, max-pool) then four stages at strides 4, 8, 16, 32, then average pool and `fc`.
 
+    `small_input` (32x32 images such as CIFAR-10) makes the stem one 3x3 stride-1 conv without max-pool: the
+    stages then work at strides 1, 2, 4, 8 and the last sees 4x4 maps instead of 1x1.
     `forward(x)` gives logits; `forward_features(x)` gives the stage outputs 'c2'..'c5'.
     `num_classes=0` leaves out `fc`, and `forward` then returns the pooled features.
     """
@@ -81,13 +83,19 @@ class ResNet(nn.Module):
     head_name = "fc"
 
     def __init__(self, *, block: type[BasicBlock | Bottleneck], layers: tuple[int, int, int, int],
-                 num_classes: int = 1000, in_channels: int = 3, norm_layer: str | Norm | None = None):
+                 num_classes: int = 1000, in_channels: int = 3, norm_layer: str | Norm | None = None,
+                 small_input: bool = False):
         super().__init__()
         norm = resolve_norm(norm_layer, nn.BatchNorm2d)
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        if small_input:
+            self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stem_stride = 1 if small_input else 4
         cin = 64
         self.out_channels: dict[str, int] = {}
         self.strides: dict[str, int] = {}
@@ -99,7 +107,7 @@ class ResNet(nn.Module):
                 cin = width * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels[f"c{i + 2}"] = cin
-            self.strides[f"c{i + 2}"] = 2 ** (i + 2)
+            self.strides[f"c{i + 2}"] = stem_stride * 2 ** i
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = cin
         self.fc = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
