@@ -106,22 +106,26 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None):
+              arch_args: dict | None = None, model=None, loss=None):
     """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
-    history)."""
+    history). `model`: go on training this one (with its .info), as compression's fine-tuning does; `loss(m, x,
+    y)`: instead of cross-entropy (distillation)."""
     from ocula.engine.device import runtime
 
-    args = arch_args or cnn_args(train)
-    with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
-        model = build(arch, **args)
-    info = model_info(train, arch, args)
+    if model is None:
+        args = arch_args or cnn_args(train)
+        with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
+            model = build(arch, **args)
+        info = model_info(train, arch, args)
+    else:
+        info = model.info
     size = train.images.shape[1]
     params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28] if train.channels == 1 else COLOUR)
     aug = (lambda x, g: random_affine(x, g, **params)) if augment else None
     batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels), config.batch_size,
                            augment=aug, drop_last=len(train) > config.batch_size)
 
-    def loss_fn(m, x, y):
+    def cross_entropy(m, x, y):
         return F.cross_entropy(m(x), y, label_smoothing=config.label_smoothing)
 
     evaluate_fn = None
@@ -132,7 +136,7 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
             logits = batched_forward(m, vx)
             return {"loss": float(F.cross_entropy(logits, vy)), "accuracy": float((logits.argmax(1) == vy).float().mean())}
 
-    trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, evaluate_fn=evaluate_fn, info=info,
+    trainer = Trainer(model, config, loss_fn=loss or cross_entropy, train_batches=batches, evaluate_fn=evaluate_fn, info=info,
                       run_dir=run_dir, progress=progress)
     history = trainer.fit(resume=resume)
     return trainer.model, info, history
