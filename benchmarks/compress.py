@@ -89,8 +89,8 @@ def main():
         rows = table(results, classify_flops(base_path, x))
     notes += verdicts(results, args.dataset)
     body = markdown_table(["method", "train s/epoch", "torch ms/img 1 thr", "ORT ms/img 1 thr", "ORT ms/img 2 thr",
-                           "size MB", "x smaller", "MFLOPs/img", "test accuracy", "points vs baseline",
-                           "load avg"], rows)
+                           "file MB", "x smaller", "weights MB", "x smaller", "MFLOPs/img", "test accuracy",
+                           "points vs baseline", "load avg"], rows)
     body += "\n\n" + "\n".join(f"- {n}" for n in notes)
     record(f"Compression: {args.dataset} cnn (benchmarks/compress.py)", body)
 
@@ -120,9 +120,22 @@ def measure(path: Path, test, x: torch.Tensor, tmp: Path, epoch_seconds, summary
     for threads in (1, 2):
         session = onnx_session(onnx, threads)
         ort_ms[threads] = per_item_us(lambda: session.run(None, {"image": x.numpy()}), len(x)) / 1000
-    return {"accuracy": accuracy, "bytes": path.stat().st_size, "torch_ms": torch_ms, "ort_ms": ort_ms,
+    return {"accuracy": accuracy, "bytes": path.stat().st_size, "tensor_bytes": tensor_bytes(path),
+            "torch_ms": torch_ms, "ort_ms": ort_ms,
             "epoch_seconds": epoch_seconds, "load": os.getloadavg()[0],
             "flops": summary["flops"] if summary else None, "summary": summary}
+
+
+def tensor_bytes(path: Path) -> int:
+    """The stored weights alone, without the file's container (safetensors header and metadata, ONNX graph)."""
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+    from ocula.modelfile import read_model_file
+
+    return sum(t.numel() * t.element_size() for t in read_model_file(path)[1].values())
 
 
 def classify_flops(path: Path, x: torch.Tensor) -> int:
@@ -138,6 +151,7 @@ def table(results: dict, base_flops: int) -> list[list]:
         flops = r["flops"] if r["flops"] is not None else base_flops
         rows.append([name, _num(r["epoch_seconds"], 1), _num(r["torch_ms"], 3), _num(r["ort_ms"][1], 3),
                      _num(r["ort_ms"][2], 3), f"{r['bytes'] / 1e6:.4f}", f"{base['bytes'] / r['bytes']:.1f}",
+                     f"{r['tensor_bytes'] / 1e6:.4f}", f"{base['tensor_bytes'] / r['tensor_bytes']:.1f}",
                      f"{flops / 1e6:.2f}", f"{r['accuracy']:.4f}",
                      f"{100 * (r['accuracy'] - base['accuracy']):+.2f}", f"{r['load']:.1f}"])
     return rows
@@ -179,11 +193,15 @@ def verdicts(results: dict, dataset: str) -> list[str]:
     def speedup(name, threads=1):
         return base["ort_ms"][threads] / results[name]["ort_ms"][threads]
 
+    def smaller(name):
+        r = results[name]
+        return (f"{base['bytes'] / r['bytes']:.1f}x (file) / {base['tensor_bytes'] / r['tensor_bytes']:.1f}x "
+                "(weights)")
+
     out = []
     if "int8" in results:
         out.append(f"int8 ({TARGETS['int8']}): {speedup('int8'):.2f}x / {speedup('int8', 2):.2f}x faster in ORT at "
-                   f"1 / 2 threads, {base['bytes'] / results['int8']['bytes']:.1f}x smaller, "
-                   f"{points('int8'):+.2f} points")
+                   f"1 / 2 threads, {smaller('int8')} smaller, {points('int8'):+.2f} points")
     if "structured" in results:
         s = results["structured"]["summary"]
         torch_speedup = base["torch_ms"] / results["structured"]["torch_ms"]
@@ -198,8 +216,8 @@ def verdicts(results: dict, dataset: str) -> list[str]:
         if name in results:
             out.append(f"{name} ({TARGETS[name]}): {points(name):+.2f} points; layer times above")
     if "bwn" in results:
-        out.append(f"bwn ({TARGETS['bwn']}): {points('bwn'):+.2f} points on {dataset}, "
-                   f"{base['bytes'] / results['bwn']['bytes']:.1f}x smaller packed")
+        out.append(f"bwn ({TARGETS['bwn']}): {points('bwn'):+.2f} points on {dataset}, {smaller('bwn')} smaller "
+                   "packed")
     return out
 
 
