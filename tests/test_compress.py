@@ -8,7 +8,7 @@ from torch import nn
 
 import ocula
 from ocula.compression import distillation_loss, CompressConfig
-from ocula.compression.layers import make_layer
+from ocula.compression.layers import BinaryConv2d, binarize, make_layer
 from ocula.compression.lowrank import _initialise
 from ocula.data import registry
 from ocula.engine.trainer import TrainConfig
@@ -91,8 +91,24 @@ def test_binarized_weights_are_stored_as_one_bit(base, tmp_path, test_images, me
     assert tensors["features.1.0.weight:signs"].numel() == conv.weight.numel() // 8  # 16*16*9 bits
     w = conv.weight.detach()
     assert torch.allclose(w.abs(), w.abs().amax((1, 2, 3), keepdim=True))  # +-alpha per filter
+    assert isinstance(model.module.features[1][1], nn.Identity)  # its batch norm folded into alpha and a bias
+    assert model.summary["bytes"] < model.summary["source_bytes"] / 6
     assert accuracy >= (base[1] - 0.05 if method == "bwn" else 0.3)  # XNOR-Net binarizes activations too
     assert _onnx_parity(model, tmp_path, test_images) < 1e-3
+
+
+@pytest.mark.parametrize("binary_inputs", [False, True])
+def test_a_batch_norm_folds_into_the_binary_conv_before_it(binary_inputs):
+    torch.manual_seed(0)
+    conv = BinaryConv2d(4, 6, 3, padding=1, bias=False, binary_inputs=binary_inputs)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2), bn.bias.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 9, 9)
+    folded = conv.fold(bn)
+    assert torch.allclose(folded(x), bn(conv(x)), atol=1e-5)
+    w = folded.weight.detach()
+    assert torch.allclose(binarize(w), w)  # still binary: +-alpha per filter
 
 
 def test_distillation_trains_a_smaller_student(base, tmp_path):

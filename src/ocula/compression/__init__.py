@@ -187,7 +187,7 @@ def _binary(binary_inputs: bool):
         """Binarize every convolution but the first (the stem sees the raw image; XNOR-Net keeps it real)."""
         from ocula.compression.layers import make_layer, replace
         from ocula.compression.packing import packed_spec
-        from ocula.compression.pruning import weights
+        from ocula.compression.pruning import batch_norm_after, weights
 
         convs = [(name, m) for name, m in weights(model) if isinstance(m, torch.nn.Conv2d)][1:]
         specs = {}
@@ -196,10 +196,20 @@ def _binary(binary_inputs: bool):
             new = make_layer(old, specs[name])
             new.load_state_dict(old.state_dict())
             replace(model, name, new)
-        model.info = _rebuilt(model, specs)
+        info = _rebuilt(model, specs)
+        model.info = info
         model, seconds = finetune(model, fit, val, config, progress)
-        model.info.extra = {**model.info.extra,
-                            "packed": packed_spec(model, "sign", [f"{name}.weight" for name, _ in convs])}
+        # Each binary conv's batch norm folds into its alpha and a bias: 2 floats per channel stored, not 5.
+        after = batch_norm_after(model)
+        for name, _ in convs:
+            if name in after:
+                replace(model, name, model.get_submodule(name).fold(model.get_submodule(after[name]).eval()))
+                replace(model, after[name], torch.nn.Identity())
+                specs[name] = {"binary": {"inputs": binary_inputs, "bias": True}}
+                specs[after[name]] = {"identity": True}
+        info.args["layers"] = specs
+        model.info = info
+        info.extra = {**info.extra, "packed": packed_spec(model, "sign", [f"{name}.weight" for name, _ in convs])}
         return model, seconds
 
     return method

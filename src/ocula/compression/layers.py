@@ -4,7 +4,8 @@ method changed swapped in by name, so a pruned or factorised network loads from 
 A layer spec is one small dict, recorded in the model file's arguments:
     {"conv": [in, out]}, {"bn": n}, {"linear": [in, out]}   pruned to fewer channels
     {"tucker": [r_in, r_out]}, {"cp": r}, {"svd": r}         factorised
-    {"binary": {"inputs": bool}}                            binary weights (BWN), and binary inputs (XNOR-Net)
+    {"binary": {"inputs": bool, "bias": bool}}              binary weights (BWN), and binary inputs (XNOR-Net)
+    {"identity": true}                                      a batch norm folded into the layer before it
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def make_layer(old: nn.Module, spec: dict) -> nn.Module:
         return nn.Sequential(nn.Linear(old.in_features, value, bias=False),
                              nn.Linear(value, old.out_features, bias=old.bias is not None))
     if kind == "binary":
-        return BinaryConv2d.like(old, binary_inputs=value["inputs"])
+        return BinaryConv2d.like(old, binary_inputs=value["inputs"], bias=value.get("bias", old.bias is not None))
+    if kind == "identity":
+        return nn.Identity()
     raise ValueError(f"unknown layer spec {spec}")
 
 
@@ -92,9 +95,20 @@ class BinaryConv2d(nn.Conv2d):
         self.binary_inputs = binary_inputs
 
     @classmethod
-    def like(cls, old: nn.Conv2d, binary_inputs: bool) -> "BinaryConv2d":
+    def like(cls, old: nn.Conv2d, binary_inputs: bool, bias: bool) -> "BinaryConv2d":
         return cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
-                   dilation=old.dilation, groups=old.groups, bias=old.bias is not None, binary_inputs=binary_inputs)
+                   dilation=old.dilation, groups=old.groups, bias=bias, binary_inputs=binary_inputs)
+
+    @torch.no_grad()
+    def fold(self, bn: nn.BatchNorm2d) -> "BinaryConv2d":
+        """This layer followed by `bn` (in eval mode) as one binary layer with a bias: bn(z) = s * z + t is
+        linear, and s * alpha * sign(w) is again binary (alpha |s|, signs flipped where s < 0)."""
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded = BinaryConv2d.like(self, self.binary_inputs, bias=True).to(self.weight.device)
+        folded.weight.copy_(s.reshape(-1, 1, 1, 1) * binarize(self.weight))
+        bias = self.bias if self.bias is not None else torch.zeros_like(s)
+        folded.bias.copy_(s * (bias - bn.running_mean) + bn.bias)
+        return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = binarize(self.weight)

@@ -53,32 +53,52 @@ def channel_chains(model: nn.Module) -> list[tuple[str, str, str]]:
     batch norm whose output reaches exactly one conv or linear layer through per-channel layers only (ReLU,
     pooling, dropout; a linear layer only after global pooling). Residual additions and depthwise convolutions
     stop a chain, so their channels are left alone."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # fx raises many kinds for data-dependent control flow
-        raise OculaError(f"structured pruning cannot trace this model ({type(e).__name__}: {e})") from None
     modules = dict(model.named_modules())
-
-    def single_user(node):
-        return next(iter(node.users)) if len(node.users) == 1 else None
-
     chains = []
-    for node in graph.nodes:
-        conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+    for node, bn in _conv_batch_norms(model):
+        if modules[node.target].groups != 1:
             continue
-        bn = single_user(node)
-        if bn is None or not isinstance(modules.get(bn.target), nn.BatchNorm2d):
-            continue
-        n, pooled = single_user(bn), False
+        n, pooled = _single_user(bn), False
         while n is not None and n.op == "call_module" and isinstance(modules[n.target], PASS_THROUGH):
             m = modules[n.target]
             pooled = pooled or (isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)))
-            n = single_user(n)
+            n = _single_user(n)
         consumer = modules.get(n.target) if n is not None and n.op == "call_module" else None
         if (isinstance(consumer, nn.Conv2d) and consumer.groups == 1) or (isinstance(consumer, nn.Linear) and pooled):
             chains.append((node.target, bn.target, n.target))
     return chains
+
+
+def batch_norm_after(model: nn.Module) -> dict[str, str]:
+    """{conv name: name of the batch norm that alone takes its output}."""
+    return {conv.target: bn.target for conv, bn in _conv_batch_norms(model)}
+
+
+def _conv_batch_norms(model: nn.Module) -> list:
+    """(conv node, batch-norm node) pairs of the model's fx graph where the batch norm alone reads the conv."""
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception as e:  # fx raises many kinds for data-dependent control flow
+        raise OculaError(f"cannot trace this model's layers ({type(e).__name__}: {e})") from None
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            bn = _single_user(node)
+            if bn is not None and bn.op == "call_module" and isinstance(modules.get(bn.target), nn.BatchNorm2d):
+                pairs.append((node, bn))
+    return pairs
+
+
+class _LayerTracer(torch.fx.Tracer):
+    """Keeps every convolution one node, ocula's own (binary) ones included."""
+
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, name)
+
+
+def _single_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def prune_filters(model: nn.Module, keep: float) -> dict[str, dict]:
