@@ -139,6 +139,11 @@ def test_int8_onnx_is_smaller_loads_and_agrees_with_float(base, tmp_path, test_i
         agree = (model.module(test_images).argmax(1) == float_model.module(test_images).argmax(1)).float().mean()
     assert agree >= 0.97 and accuracy >= base[1] - 0.02
     assert model.predict(np.zeros((8, 8)))[0].name in model.info.classes
+    pytest.importorskip("fastapi")
+    from ocula.serve.models import load_served
+
+    served = load_served([model.path])["int8"]
+    assert served.runtime == "onnx" and served.model.predict(np.zeros((8, 8)))[0].name in model.info.classes
 
 
 def test_bad_input_is_a_one_line_error(base, tmp_path):

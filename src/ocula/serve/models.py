@@ -11,7 +11,7 @@ import torch
 
 import ocula
 from ocula.errors import OculaError
-from ocula.export.onnx import OnnxModule
+from ocula.export.onnx import OnnxModule, onnx_session
 
 
 class OnnxForward(OnnxModule):
@@ -53,7 +53,9 @@ def load_served(paths: list[str | Path], *, threads: int = 1) -> dict[str, Serve
             raise OculaError(f"two models are named {name!r}; rename one file", path)
         model = ocula.load(path, device="cpu")
         onnx = path.with_suffix(".onnx")
-        if onnx.is_file():
+        if path.suffix == ".onnx":  # an int8 model from `ocula compress`: already runs in ONNX Runtime
+            model.module.session = onnx_session(path, threads)
+        elif onnx.is_file():
             model.module = OnnxForward(model.module, onnx, threads)
         served[name] = Served(name, model, "onnx" if onnx.is_file() else "torch")
     if not served:
