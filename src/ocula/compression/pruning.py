@@ -11,6 +11,9 @@ from torch.nn.utils import parametrize
 from ocula.compression.layers import make_layer, replace
 from ocula.errors import OculaError
 
+# ONNX Runtime's convolutions work on blocks of 8 channels: on 32x32 images a cnn of 11-22-45 channels ran only
+# 1.2x faster than 16-32-64 there, one of 8-24-48 2x (1 thread, batch 64), at about the same FLOPs.
+CHANNEL_BLOCK = 8
 # Layers a channel passes through unchanged on its way from one convolution to the next.
 PASS_THROUGH = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,
                 nn.Flatten)
@@ -111,7 +114,7 @@ def prune_filters(model: nn.Module, keep: float) -> dict[str, dict]:
     outs, ins = {}, {}  # layer name -> kept output / input channel indices
     for conv, bn, consumer in chains:
         w = modules[conv].weight.detach()
-        n = max(1, round(keep * w.shape[0]))
+        n = _channels(keep * w.shape[0], w.shape[0])
         kept = w.abs().flatten(1).sum(1).topk(n).indices.sort().values
         outs[conv] = outs[bn] = ins[consumer] = kept
     specs = {}
@@ -123,6 +126,13 @@ def prune_filters(model: nn.Module, keep: float) -> dict[str, dict]:
         replace(model, name, new)
         specs[name] = spec
     return specs
+
+
+def _channels(n: float, total: int) -> int:
+    """Kept channels in whole blocks of CHANNEL_BLOCK where the layer has several blocks."""
+    if total >= 2 * CHANNEL_BLOCK:
+        return max(CHANNEL_BLOCK, round(n / CHANNEL_BLOCK) * CHANNEL_BLOCK)
+    return max(1, round(n))
 
 
 def _spec(old: nn.Module, out_idx, in_idx) -> dict:
