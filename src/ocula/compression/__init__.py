@@ -15,10 +15,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ocula.errors import OculaError
+
+# torch is imported inside the functions: the CLI reads METHODS to build its help without loading torch.
 
 METHODS = {
     "magnitude": "unstructured magnitude pruning + fine-tuning, stored sparse",
@@ -97,8 +96,10 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     return result
 
 
-def flops(module, x: torch.Tensor) -> int:
-    """Floating-point operations of one forward pass on `x` (torch's FlopCounterMode: convolutions and matmuls)."""
+def flops(module, x) -> int:
+    """Floating-point operations of one forward pass on tensor `x` (torch's FlopCounterMode: convolutions and
+    matmuls)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ocula.engine.device import device_of
@@ -185,6 +186,8 @@ def _lowrank(decomposition: str):
 def _binary(binary_inputs: bool):
     def method(model, fit, val, config, out, progress):
         """Binarize every convolution but the first (the stem sees the raw image; XNOR-Net keeps it real)."""
+        import torch
+
         from ocula.compression.layers import make_layer, replace
         from ocula.compression.packing import packed_spec
         from ocula.compression.pruning import batch_norm_after, weights
@@ -235,6 +238,9 @@ def _distill(teacher, fit, val, config, out, progress):
 
 
 def distillation_loss(teacher, config: CompressConfig):
+    import torch
+    import torch.nn.functional as F
+
     t, alpha = config.temperature, config.alpha
 
     def loss(student, x, y):
