@@ -22,4 +22,12 @@ def train(data=None, model=None, **settings):
     return train(data, model, **settings)
 
 
-__all__ = ["OculaError", "load", "train", "__version__"]
+def compress(model, method, out, **settings):
+    """Compress a classifier's model file into `out` by pruning, distillation, int8, low rank or binarization; returns
+    the new `ocula.api.Model` (see `ocula.compression.compress`)."""
+    from ocula.compression import compress
+
+    return compress(model, method, out, **settings)
+
+
+__all__ = ["OculaError", "compress", "load", "train", "__version__"]

@@ -109,6 +109,17 @@ def cmd_export(args):
     print(ocula.load(args.model, device="cpu").export(args.format, args.out))
 
 
+def cmd_compress(args):
+    import ocula
+
+    settings = {k: getattr(args, k) for k in ("amount", "epochs", "lr", "batch_size", "temperature", "alpha",
+                                              "calibration", "seed", "threads", "device", "bf16", "channels_last")
+                if getattr(args, k) is not None}
+    model = ocula.compress(args.model, args.method, args.out, data=args.data, data_dir=args.data_dir,
+                           progress=not args.quiet, **settings)
+    print(json.dumps({k: v for k, v in model.summary.items() if k != "settings"}))
+
+
 def cmd_predict(args):
     import ocula
     from ocula.data.images import list_images
@@ -401,6 +412,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("--format", required=True, choices=["onnx", "coreml"])
     c.add_argument("--out")
+
+    from ocula.compression import AMOUNT, METHODS
+
+    c = command("compress", cmd_compress, "compress a classifier: pruning, distillation, int8, low rank or "
+                "binarization; writes a new model file and prints its size, FLOPs and validation accuracy")
+    c.add_argument("model")
+    c.add_argument("--method", required=True, choices=list(METHODS),
+                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    c.add_argument("--out", required=True, help="the new model file (.ocula; .onnx for int8)")
+    c.add_argument("--amount", type=float, help="magnitude: share of weights zeroed; structured: share of FLOPs "
+                   "removed; tucker, cp: rank as a share of channels; distill: student widths as a share of the "
+                   f"teacher's (defaults {AMOUNT})")
+    c.add_argument("--epochs", type=int, help="fine-tuning epochs (distill: the student's; default 2)")
+    c.add_argument("--lr", type=float)
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--temperature", type=float, help="distill: softmax temperature (default 4)")
+    c.add_argument("--alpha", type=float, help="distill: weight of the teacher's soft targets (default 0.9)")
+    c.add_argument("--calibration", type=int, help="int8: training images that calibrate (default 512)")
+    c.add_argument("--data", help="dataset to fine-tune / calibrate on (default: the one it was trained on)")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--threads", type=int)
+    c.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="fine-tune under bf16 autocast")
+    c.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    c.add_argument("--quiet", action="store_true")
+    device(c)
+    data_dir(c)
 
     c = command("predict", cmd_predict, "predict image files or folders: labels, masks and cell tables, or boxes")
     c.add_argument("model")

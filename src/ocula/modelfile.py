@@ -41,7 +41,10 @@ def save_model(path: str | Path, model, info: ModelInfo, extra_tensors: dict | N
                extra_metadata: dict | None = None) -> Path:
     from safetensors.torch import save
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    from ocula.compression.packing import pack
+
+    tensors = pack({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                   info.extra.get("packed", {}))
     for k, v in (extra_tensors or {}).items():
         tensors[TRAIN_PREFIX + k] = v.detach().contiguous().cpu()
     metadata = {"ocula": info.to_json(), **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()}}
@@ -86,17 +89,24 @@ def read_model_file(path: str | Path):
 
 def load_model(path: str | Path, device="cpu"):
     """Rebuild the model from a file on `device` ('auto', 'cpu', 'cuda', ...); returns the module in eval mode with
-    `.info` (ModelInfo) attached. A file saved from a DistributedDataParallel or torch.compile wrapper loads too."""
+    `.info` (ModelInfo) attached. A file saved from a DistributedDataParallel or torch.compile wrapper loads too,
+    and so does an ONNX file that ocula wrote with its metadata (an int8 model), run by ONNX Runtime."""
+    from ocula.compression.packing import unpack
     from ocula.engine.device import fork_rng, resolve_device
     from ocula.models import build
 
+    if Path(path).suffix == ".onnx":
+        from ocula.export.onnx import load_onnx_model
+
+        return load_onnx_model(path, device)
     info, tensors, _ = read_model_file(path)
     weights = {_unwrapped(k): v for k, v in tensors.items() if not k.startswith(TRAIN_PREFIX)}
     try:
+        weights = unpack(weights, info.extra.get("packed", {}))
         with fork_rng():  # building initialises weights that the file replaces: leave the RNG alone
             model = build(info.arch, **info.args)
         model.load_state_dict(weights, strict=True)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise OculaError(f"weights do not fit architecture {info.arch!r}: {first}", path) from None
     model.to(resolve_device(device)).eval()

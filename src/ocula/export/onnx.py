@@ -50,11 +50,13 @@ def export_onnx(model, path: str | Path, *, outputs: tuple[str, ...] = ("scores"
     return Path(path)
 
 
-def onnx_session(path: str | Path):
+def onnx_session(path: str | Path, threads: int = 0):
+    """A CPU session; `threads` intra-op threads (0: ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -76,3 +78,53 @@ def check_parity(model, path: str | Path, x: torch.Tensor | None = None) -> floa
         if r.ndim == 2 and not np.array_equal(r.argmax(1), o.argmax(1)):
             raise OculaError("ONNX Runtime predictions differ from torch", path)
     return max(float(np.abs(r - o).max()) for r, o in zip(ref, got))
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX file run by ONNX Runtime behind a torch module's face: the tasks call `model(x)` and read
+    `model.info`, so predict and evaluate run it unchanged (on the CPU, whatever device was asked for)."""
+
+    def __init__(self, path: str | Path, info, threads: int = 0):
+        super().__init__()
+        self.info = info
+        self.session = onnx_session(path, threads)
+        self.register_buffer("on_cpu", torch.zeros(0), persistent=False)  # where device_of finds the module
+
+    def forward(self, x: torch.Tensor):
+        out = [torch.from_numpy(a) for a in run_onnx(self.session, x.float())]
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def write_info(path: str | Path, info) -> Path:
+    """Record the model's ModelInfo in an ONNX file's metadata, so `ocula.load` can use the file on its own."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    model.metadata_props.add(key="ocula", value=info.to_json())
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(path)
+
+
+def load_onnx_model(path: str | Path, device="cpu") -> OnnxModule:
+    """An ONNX file written with `write_info` (e.g. by `ocula compress --method int8`), ready to predict."""
+    import onnx
+
+    from ocula.modelfile import ModelInfo
+
+    path = Path(path)
+    if not path.is_file():
+        raise OculaError("model file not found", path)
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as e:  # onnx raises its own DecodeError for a damaged file
+        raise OculaError(f"not an ONNX file ({str(e).strip().splitlines()[0] if str(e).strip() else e})",
+                         path) from None
+    if "ocula" not in props:
+        raise OculaError("an ONNX file without ocula metadata: use the .ocula file it was exported from", path)
+    import json
+
+    meta = json.loads(props["ocula"])
+    info = ModelInfo(**{k: meta[k] for k in ("task", "arch", "args", "classes", "preprocess", "metrics", "extra")})
+    return OnnxModule(path, info).eval()

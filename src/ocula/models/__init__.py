@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "normalized-unet": "ocula.models.unet:NormalizedUNet",
     "fcos": "ocula.models.detection.fcos:FCOS",
     "faster-rcnn": "ocula.models.detection.builders:faster_rcnn_fpn",
+    "compressed": "ocula.compression.layers:build_compressed",  # a base architecture with pruned / factorised layers
     "gallery-recognizer": "ocula.index.recognizer:GalleryRecognizer",  # an embedder + references (models floor)
     "mlp-autoencoder": "ocula.models.autoencoders:MLPAutoencoder",
     "conv-autoencoder": "ocula.models.autoencoders:ConvAutoencoder",

@@ -11,34 +11,23 @@ import torch
 
 import ocula
 from ocula.errors import OculaError
+from ocula.export.onnx import OnnxModule, onnx_session
 
 
-class OnnxForward(torch.nn.Module):
-    """A torch module whose forward runs the ONNX export instead: the tasks call `model(x)` and read the module's
-    attributes (info, num_classes, ...), which are the wrapped torch module's."""
+class OnnxForward(OnnxModule):
+    """The ONNX export of a torch module, run in its place: attributes the tasks read (info, num_classes, ...)
+    are the wrapped torch module's."""
 
     def __init__(self, module: torch.nn.Module, onnx_path: Path, threads: int):
-        import onnxruntime as ort
-
-        super().__init__()
-        self.module = module
-        self.info = module.info
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         # The server runs one prediction per core at a time; more intra-op threads would fight over the cores.
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        super().__init__(onnx_path, module.info, threads)
+        self.module = module
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
-
-    def forward(self, x: torch.Tensor):
-        out = [torch.from_numpy(a) for a in self.session.run(None, {"image": x.detach().cpu().float().numpy()})]
-        return out[0] if len(out) == 1 else tuple(out)
 
 
 @dataclass
@@ -64,7 +53,9 @@ def load_served(paths: list[str | Path], *, threads: int = 1) -> dict[str, Serve
             raise OculaError(f"two models are named {name!r}; rename one file", path)
         model = ocula.load(path, device="cpu")
         onnx = path.with_suffix(".onnx")
-        if onnx.is_file():
+        if path.suffix == ".onnx":  # an int8 model from `ocula compress`: already runs in ONNX Runtime
+            model.module.session = onnx_session(path, threads)
+        elif onnx.is_file():
             model.module = OnnxForward(model.module, onnx, threads)
         served[name] = Served(name, model, "onnx" if onnx.is_file() else "torch")
     if not served:

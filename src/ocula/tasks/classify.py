@@ -125,26 +125,31 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None, features: dict | None = None, minutes: float | None = None):
-    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine, its feature layers
-    initialised from `features` (a pretrained encoder's state) when given; returns (model, info, history).
+              arch_args: dict | None = None, features: dict | None = None, minutes: float | None = None,
+              model=None, loss=None):
+    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
+    history). `features`: a pretrained encoder's state for its feature layers; `model`: go on training this one
+    (with its .info), as compression's fine-tuning does; `loss(m, x, y)`: instead of cross-entropy (distillation);
     `minutes`: stop at this wall-clock budget (or after config.epochs), the learning rate warming up and then
     following a cosine over the budget so the run ends at a low rate wherever it stops."""
     from ocula.engine.device import runtime
 
-    args = arch_args or cnn_args(train)
-    with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
-        model = build(arch, **args)
-    if features is not None:
-        model.features.load_state_dict(features)
-    info = model_info(train, arch, args)
+    if model is None:
+        args = arch_args or cnn_args(train)
+        with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
+            model = build(arch, **args)
+        if features is not None:
+            model.features.load_state_dict(features)
+        info = model_info(train, arch, args)
+    else:
+        info = model.info
     size = train.images.shape[1]
     params = DATASET_AUGMENT.get(train.name) or AUGMENT.get(size, AUGMENT[28] if train.channels == 1 else COLOUR)
     aug = (lambda x, g: random_affine(x, g, **params)) if augment else None
     batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels), config.batch_size,
                            augment=aug, drop_last=len(train) > config.batch_size)
 
-    def loss_fn(m, x, y):
+    def cross_entropy(m, x, y):
         return F.cross_entropy(m(x), y, label_smoothing=config.label_smoothing)
 
     evaluate_fn = None
@@ -155,8 +160,8 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
             logits = batched_forward(m, vx)
             return {"loss": float(F.cross_entropy(logits, vy)), "accuracy": float((logits.argmax(1) == vy).float().mean())}
 
-    trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, evaluate_fn=evaluate_fn, info=info,
-                      run_dir=run_dir, progress=progress)
+    trainer = Trainer(model, config, loss_fn=loss or cross_entropy, train_batches=batches, evaluate_fn=evaluate_fn,
+                      info=info, run_dir=run_dir, progress=progress)
     if minutes:
         # Set after the trainer's own schedule each step, so the budget's rate is the one used.
         trainer.callbacks.append(LearningRateBudget(seconds=minutes * 60, steps=config.epochs * len(batches)))
