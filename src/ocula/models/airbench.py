@@ -52,8 +52,8 @@ def _conv(cin: int, cout: int) -> nn.Conv2d:
 def _norm(channels: int, momentum: float) -> nn.BatchNorm2d:
     """BatchNorm without a learned scale (a following conv can scale), running statistics that follow the batches
     fast (airbench's momentum 0.6 is torch's 0.4): the lookahead pulls the weights back, and the statistics must
-    keep up with them. torch's eps, not airbench's 1e-12: a compiled bf16 step went NaN with that."""
-    norm = nn.BatchNorm2d(channels, momentum=1 - momentum)
+    keep up with them."""
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=1 - momentum)
     norm.weight.requires_grad_(False)
     return norm
 
@@ -90,7 +90,8 @@ class AirbenchNet(nn.Module):
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features the linear layer sees [N, widths[-1]] (one view, no test-time augmentation)."""
         x = F.gelu(self.whiten(self.normalize(x)))
-        return torch.amax(self.features(x), dim=(2, 3))
+        # adaptive_max_pool2d, not amax over (2, 3): a compiled bf16 step on the CPU got NaN gradients from amax
+        return F.adaptive_max_pool2d(self.features(x), 1).flatten(1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.penultimate(x)) * self.logit_scale
