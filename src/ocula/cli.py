@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/ (the task follows from the data)")
     c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
                    "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
-    c.add_argument("--model", help="classify: cnn (default), svc, resnet18, ...; segment: unet (default), "
+    c.add_argument("--model", help="classify: cnn (default), svc, airbench (fast CIFAR-10), resnet18, ...; segment: unet (default), "
                    "unet-seed; detect: fcos (default), faster-rcnn; class folders also: 1nn, knn, map (recognize by "
                    "nearest neighbours, with --embedder)")
     c.add_argument("--config", help="rerun the run recorded in this config.json (other options override it)")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float)
     c.add_argument("--weight-decay", type=float)
     c.add_argument("--optimizer", choices=["adamw", "sgd"])
-    c.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "constant"])
+    c.add_argument("--schedule", choices=["onecycle", "triangle", "cosine", "plateau", "constant"])
     c.add_argument("--label-smoothing", type=float)
     c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "

@@ -40,10 +40,39 @@ class ArrayBatches:
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment is not None:
-                x = self.augment(x, g)
-            yield x, self.labels[idx]
+            yield self._augment(self.images[idx], idx, g), self.labels[idx]
+
+    def _augment(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return x if self.augment is None else self.augment(x, g)
+
+
+class FlipTranslateBatches(ArrayBatches):
+    """airbench's augmentation: every image is mirrored in alternate epochs (a fixed random half of the images in
+    even epochs, the other half in odd ones), so any two consecutive epochs show each image both ways, which
+    independent random flips do not; and shifted by up to `translate` pixels with reflected borders. The trainer
+    tells the epoch through `set_epoch`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, translate: int = 2,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False):
+        super().__init__(images, labels, batch_size, shuffle=shuffle, drop_last=drop_last)
+        self.translate, self.epoch = translate, 0
+        self.mirrored = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _augment(self, x, idx, g):
+        flip = self.mirrored[idx] ^ bool(self.epoch % 2)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        t = self.translate
+        if not t:
+            return x
+        n, c, h, w = x.shape
+        padded = F.pad(x, (t, t, t, t), mode="reflect")
+        dy, dx = torch.randint(0, 2 * t + 1, (2, n, 1), generator=g)
+        rows = (dy + torch.arange(h))[:, None, :, None]
+        cols = (dx + torch.arange(w))[:, None, None, :]
+        return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def prefetch(batches, depth: int = 2, pin: bool = False):

@@ -210,3 +210,35 @@ class EMA(Callback):
     def load_state_dict(self, state):
         self.updates = state["updates"]
         self.module.load_state_dict(state["weights"])
+
+
+class Lookahead(Callback):
+    """airbench's lookahead (from hlb-CIFAR10): every `every` steps the weights and BN statistics move to an average
+    of a slow copy and themselves (slow = d x slow + (1 - d) x weights; weights = slow). The factor d grows with the
+    cube of training progress up to `decay`: early training runs free, late training is averaged. The run's last
+    step ends on the slow copy."""
+
+    def __init__(self, model: torch.nn.Module, *, every: int = 5, decay: float = 0.95**5):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        self.every, self.decay, self.steps = every, decay, 0
+
+    @torch.no_grad()
+    def on_batch_end(self, trainer, loss):
+        self.steps += 1
+        total = trainer.config.epochs * len(trainer.train_batches)
+        last = self.steps >= total
+        if self.steps % self.every and not last:
+            return
+        d = 1.0 if last else self.decay * (self.steps / total) ** 3
+        for k, weights in trainer.model.state_dict().items():
+            if k in self.slow:
+                self.slow[k].lerp_(weights, 1 - d)
+                weights.copy_(self.slow[k])
+
+    def state_dict(self):
+        return {"steps": self.steps, "slow": dict(self.slow)}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+        for k, v in state["slow"].items():
+            self.slow[k].copy_(v)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, \
-    TerminateOnNaN
+from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, Lookahead, ModelCheckpoint, \
+    ReduceLROnPlateau, TerminateOnNaN
 from ocula.engine import distributed
 from ocula.engine.batches import prefetch
 from ocula.engine.device import autocast, fork_rng, grad_scaler, resolve_device, runtime, to_device
@@ -32,8 +32,10 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 5e-4
     momentum: float = 0.9  # sgd only
-    schedule: str = "onecycle"  # onecycle | cosine | plateau | constant
-    warmup: float = 0.15  # one-cycle: fraction of steps spent warming up
+    schedule: str = "onecycle"  # onecycle | triangle | cosine | plateau | constant
+    warmup: float = 0.15  # one-cycle and triangle: fraction of steps spent warming up
+    norm_lr_scale: float = 1.0  # learning-rate factor for normalisation layers' parameters (airbench: 64)
+    lookahead: int = 0  # steps between lookahead averages of the weights (airbench: 5); 0 = off
     label_smoothing: float = 0.0
     seed: int = 0
     monitor: str = "val_accuracy"
@@ -138,21 +140,41 @@ class Trainer:
             cbs.append(ReduceLROnPlateau(c.monitor, c.mode, c.plateau_factor, c.plateau_patience))
         if c.early_stopping:
             cbs.append(EarlyStopping(c.monitor, c.mode, c.early_stopping))
+        if c.lookahead:
+            cbs.append(Lookahead(self.model, every=c.lookahead))
         return cbs
 
-    def _make_optimizer(self):
+    def _param_groups(self) -> list[dict]:
+        """One group, or with `norm_lr_scale` two: normalisation layers' parameters (not scale-invariant, unlike
+        the weights before them) learn that much faster, with their weight decay divided by the same factor so
+        that the decay per step (learning rate x weight decay) stays that of the other weights."""
         c, params = self.config, [p for p in self.model.parameters() if p.requires_grad]
+        if c.norm_lr_scale == 1:
+            return [dict(params=params)]
+        norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+        in_norms = {id(p) for m in self.model.modules() if isinstance(m, norms) for p in m.parameters()}
+        return [dict(params=[p for p in params if id(p) not in in_norms]),
+                dict(params=[p for p in params if id(p) in in_norms], lr=c.lr * c.norm_lr_scale,
+                     weight_decay=c.weight_decay / c.norm_lr_scale)]
+
+    def _make_optimizer(self):
+        c, groups = self.config, self._param_groups()
         if c.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
         if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=True)
         raise OculaError(f"unknown optimizer {c.optimizer!r} (adamw or sgd)")
 
     def _make_scheduler(self):
         c, total = self.config, max(1, self.config.epochs * len(self.train_batches))
+        peaks = [group["lr"] for group in self.optimizer.param_groups]
         if c.schedule == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=c.lr, total_steps=total,
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=peaks, total_steps=total,
                                                        pct_start=c.warmup)
+        if c.schedule == "triangle":  # airbench's: linear from 0.2 x the peak up to it, then down to 0.07 x
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=peaks, total_steps=total,
+                                                       pct_start=c.warmup, anneal_strategy="linear",
+                                                       cycle_momentum=False, div_factor=5, final_div_factor=0.2 / 0.07)
         if c.schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
         if c.schedule in ("plateau", "constant"):
@@ -222,6 +244,8 @@ class Trainer:
         # The batch generator is the same on every rank (they slice one global batch); dropout differs per rank.
         torch.manual_seed(c.seed * 100_003 + self.epoch + 7_919 * distributed.rank())
         g = torch.Generator().manual_seed(c.seed * 100_003 + self.epoch)
+        if hasattr(self.train_batches, "set_epoch"):  # batches that change with the epoch's parity (airbench)
+            self.train_batches.set_epoch(self.epoch)
         self.model.train()
         total, count = 0.0, 0
         bar = None

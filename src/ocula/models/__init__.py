@@ -11,6 +11,7 @@ ARCHITECTURES = {
     "svc": "ocula.models.classifiers:RBFSVC",
     "cnn": "ocula.models.classifiers:SmallCNN",
     "backbone-classifier": "ocula.models.classifiers:BackboneClassifier",
+    "airbench": "ocula.models.airbench:AirbenchNet",
     "unet": "ocula.models.unet:UNet",
     "normalized-unet": "ocula.models.unet:NormalizedUNet",
     "fcos": "ocula.models.detection.fcos:FCOS",
