@@ -71,10 +71,18 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
                   "input_size", "embedder", "k")
 
 
+def _mask_policy(args) -> None:
+    """--strict-masks: segmentation masks with any value that is not exactly a class value are refused."""
+    from ocula.data.segmentation import MASK_POLICY
+
+    MASK_POLICY.strict = args.strict_masks
+
+
 def cmd_train(args):
     import ocula
     from ocula.engine import distributed
 
+    _mask_policy(args)
     if not (args.dataset or args.config):
         raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
@@ -92,6 +100,7 @@ def cmd_evaluate(args):
     if not distributed.is_main():  # evaluation is not sharded: under torchrun, rank 0 scores the whole split
         return 0
 
+    _mask_policy(args)
     model = ocula.load(args.model, device=args.device)
     name = f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}"
     out = Path(args.out or Path(args.model).parent / name)
@@ -260,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     def device(c):
         c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
 
+    def strict_masks(c):
+        c.add_argument("--strict-masks", action="store_true", help="segment: refuse a mask with any value that is "
+                       "not exactly a class value (default: values within 32 grey levels are snapped, with a warning)")
+
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/ (the task follows from the data)")
     c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
                    "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
@@ -305,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--runs-dir", default=str(RUNS))
     c.add_argument("--quiet", action="store_true")
+    strict_masks(c)
     data_dir(c)
 
     c = command("evaluate", cmd_evaluate, "score a model on a dataset split: accuracy and confusion matrix, "
@@ -313,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="dataset name or folder (default: the one it was trained on)")
     c.add_argument("--split", help="default: test, else val")
     c.add_argument("--out", help="folder for eval.json and figures")
+    strict_masks(c)
     device(c)
     data_dir(c)
 
