@@ -68,7 +68,7 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
                   "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
                   # the tasks' own options (ocula.tasks.<task>.OPTIONS)
                   "val_fraction", "widths", "fold", "crop", "crops_per_epoch", "minutes", "steps_per_epoch", "weights",
-                  "input_size", "embedder", "k")
+                  "input_size", "embedder", "k", "cell_diameter", "stain", "flips")
 
 
 def _mask_policy(args) -> None:
@@ -130,7 +130,7 @@ def cmd_predict(args):
     # A job-array task takes its --shard; torchrun ranks split the files and rank 0 prints the merged result.
     index, count = args.shard or (distributed.rank(), distributed.world_size())
     files = distributed.shard(files, index, count)
-    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh")
+    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh", "cell_diameter")
                if getattr(args, k) is not None}
     out, failed = [], 0
     for f in files:  # one file at a time: a bad file is reported and the others are still predicted
@@ -299,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
+    c.add_argument("--cell-diameter", type=float, metavar="PX", help="segment: px a white cell spans inside the "
+                   "model; images are resampled to it from the diameter measured on their masks (blood: 64, 0 = "
+                   "native scale)")
+    c.add_argument("--stain", choices=["reinhard", "none"], help="segment: colour normalisation")
+    c.add_argument("--flips", action=argparse.BooleanOptionalAction, help="segment: average predictions over flips")
     c.add_argument("--minutes", type=float, help="detect: wall-clock budget (default 40); with --epochs, "
                    "whichever ends first")
     c.add_argument("--steps-per-epoch", type=int, help="detect: batches between validations")
@@ -344,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "masks, overlays and cell tables, boxes; '' for none")
     c.add_argument("--batch-size", type=int)
     c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
+    c.add_argument("--cell-diameter", type=float, metavar="PX", help="segment: px a white cell spans in these "
+                   "images, to resample them to the model's scale (default: assume the model's own, and say so)")
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
     c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")
