@@ -10,6 +10,12 @@ Sections (each recorded in RESULTS.md; `--sections` picks some):
             adapted Rand error.
   large     The notes' candidate-crop inference against tiled inference on the five large SigTuple images,
             with a model trained on the 164 patches only (in the CV the large images are training data).
+  cross     Cross-dataset, with the default blood recipe: train on SigTuple, test on Zheng Dataset 1 (whole cell =
+            nucleus + cytoplasm); train on Zheng, test on SigTuple (patches and large smears); train on both
+            (fold 0 of each held out), test on each. Per-image whole-cell Dice; overlays of the worst images go to
+            --out.
+  ablation  What makes it generalise: each variant of the recipe (`--variants`) trained on SigTuple and on Zheng
+            and scored across (SigTuple -> Zheng, Zheng -> SigTuple patches), with and without the known scale.
 
 Every training holds out 10% of its own training images for checkpoint selection and early stopping, so no test
 image ever steers training. `--quick` (one fold, 2 epochs of 8 crops, a few test images, nothing recorded)
@@ -35,13 +41,15 @@ from common import markdown_table, per_item_us, record  # noqa: E402
 
 from ocula.api import Model  # noqa: E402
 from ocula.data import registry  # noqa: E402
-from ocula.data.segmentation import folds  # noqa: E402
+from ocula.data.paired_transforms import blood_smear_augment  # noqa: E402
+from ocula.data.segmentation import folds, overlay  # noqa: E402
+from ocula.plots import image_grid  # noqa: E402
 from ocula.export.onnx import onnx_session  # noqa: E402
 from ocula.models.unet import count_parameters  # noqa: E402
 from ocula.tasks import segment_train  # noqa: E402
 from ocula.tasks.segment import predict_candidates, segmentation_scores  # noqa: E402
 
-SECTIONS = ("sigtuple", "zheng", "isbi", "large")
+SECTIONS = ("sigtuple", "zheng", "isbi", "large", "cross", "ablation")
 NOTES_DICE = 0.9427  # the notes' Dice, measured on their own training set
 LABEL_GRID = 4  # SigTuple's masks change value only on multiples of 4 px (measured below)
 UNET_PAPER_RAND = 0.0382  # U-Net paper, ISBI 2012 hidden test set, scored by the organisers
@@ -62,8 +70,9 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def foreground_probs(model: Model, image: np.ndarray) -> np.ndarray:
     """The tiled foreground probabilities that Model.predict thresholds (it returns only the mask)."""
-    tile = segment_train.tiling(model.info)
-    return segment_train.predict_probs(model.module, image, tile=tile["tile"], overlap=tile["overlap"])[0].numpy()
+    s = segment_train.tiling(model.info)
+    return segment_train.predict_probs(model.module, image, tile=s["tile"], overlap=s["overlap"], scale=s["scale"],
+                                       stain=s["stain"], flips=s["flips"])[0].numpy()
 
 
 def boundaries_on_grid(masks, step: int) -> float:
@@ -94,7 +103,8 @@ def fit(model_name: str, train_set, dataset: str, args):
         start = time.perf_counter()
         model, _, history = segment_train.fit(fit_set, model_name, config, val_set=select_set, crop=setup["crop"],
                                               augment=setup["augment"], crops_per_epoch=args.crops,
-                                              run_dir=Path(tmp), progress=False)
+                                              run_dir=Path(tmp), progress=False, cell_diameter=setup["cell_diameter"],
+                                              stain=setup["stain"], flips=setup["flips"])
     return Model(model), time.perf_counter() - start, len(history)
 
 
@@ -239,6 +249,166 @@ def bench_large(args) -> str:
                     "128x128 around each dark blob of >= 500 px (Otsu threshold), as in the notes.")
 
 
+# ------------------------------------------------------------------------------------------------ cross-dataset
+
+# The recipe before issue 14: native scale, mild zoom and stain jitter, half the crops centred on a cell.
+BEFORE = dict(augment=lambda: blood_smear_augment(scale=(0.9, 1.1), stain_sigma=0.05, stain_bias=0.03, hue=0.02),
+              cell_diameter=None, stain=None, flips=False, foreground=0.5, binary=False)
+# Each variant changes BEFORE in one respect (on top of the 64 px scale once that is measured to help).
+VARIANTS = {
+    "before": {},
+    "scale": dict(cell_diameter=64),
+    "scale-aug": dict(cell_diameter=64, augment=lambda: blood_smear_augment(scale=(0.7, 1.4))),
+    "stain-jitter": dict(cell_diameter=64, augment=lambda: blood_smear_augment(stain_sigma=0.25, stain_bias=0.08,
+                                                                               hue=0.05)),
+    "reinhard": dict(cell_diameter=64, stain="reinhard"),
+    "negatives": dict(cell_diameter=64, foreground=0.25),
+    "binary": dict(cell_diameter=64, binary=True),
+    "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
+}
+
+
+def recipe(variant: str) -> dict:
+    """fit() settings of a variant; 'recipe' is whatever segment_train.DATASETS holds for blood today."""
+    if VARIANTS[variant] is None:
+        blood = segment_train.BLOOD
+        return dict(BEFORE, augment=segment_train.AUGMENTS[blood["augment"]], cell_diameter=blood["cell_diameter"],
+                    stain=blood["stain"], flips=blood["flips"])
+    return {**BEFORE, **VARIANTS[variant]}
+
+
+def fit_on(sources, args, settings: dict) -> tuple[Model, float]:
+    """Train 'unet' on one or more datasets, each with its own 10% inner hold-out for selection; the crop is the
+    smallest of the datasets' (a Zheng image is ~100 px)."""
+    parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=args.seed) for d in sources]
+    crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
+    config = segment_train.default_config("unet", epochs=args.epochs, seed=args.seed, threads=args.threads,
+                                          early_stopping=args.patience)
+    binary = settings["binary"] or len(sources) > 1  # trained together, the labels they share are whole cells
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        model, _, _ = segment_train.fit([t for t, _ in parts], "unet", config, val_set=[v for _, v in parts],
+                                        crop=crop, crops_per_epoch=args.crops, run_dir=Path(tmp), progress=False,
+                                        **dict(settings, binary=binary))
+    return Model(model), time.perf_counter() - start
+
+
+def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None):
+    """Per-image whole-cell Dice and predictions; with `known_scale` the images are resampled from the cell
+    diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed."""
+    diameter = segment_train.cell_diameter(segment_train.whole_cells(pairs)) if known_scale else None
+    settings = segment_train.tiling(model.info, diameter)
+    settings["flips"] = settings["flips"] if flips is None else flips
+    preds = [segment_train.predict_labels(model.module, image, **settings) for image, _ in pairs]
+    return [dice(p > 0, m > 0) for p, (_, m) in zip(preds, pairs)], preds
+
+
+def worst_overlays(pairs, preds, scores, path: Path, title: str, n: int = 6) -> Path:
+    """Truth and prediction overlays of the `n` images with the lowest Dice."""
+    images, titles = [], []
+    for i in np.argsort(scores)[:n]:
+        image, mask = pairs[i]
+        images += [overlay(image, (mask > 0).astype(np.uint8)), overlay(image, (preds[i] > 0).astype(np.uint8))]
+        titles += [f"#{i} truth", f"prediction, Dice {scores[i]:.3f}"]
+    return image_grid(images, titles, path, cols=4, title=title)
+
+
+def cross_data(args):
+    load = lambda name, split: registry.load(name, split, args.data_dir)  # noqa: E731
+    return load("wbc-sigtuple", "train"), load("wbc-zheng", "all")
+
+
+def limited(pairs, args):
+    return pairs[:args.limit] if args.limit else pairs
+
+
+def bench_ablation(args) -> str:
+    sigtuple, zheng = cross_data(args)
+    sig_test = limited(segment_train.decode(registry.load("wbc-sigtuple", "patches", args.data_dir)), args)
+    zheng_test = limited(segment_train.decode(zheng), args)
+    rows, sigtuple_models = [], {}
+    for variant in args.variants:
+        settings = recipe(variant)
+        # SigTuple is binary already: variants that differ only in `binary` share its model.
+        key = repr(sorted((k, v) for k, v in settings.items() if k != "binary"))
+        if key not in sigtuple_models:
+            sigtuple_models[key] = fit_on([sigtuple], args, settings)
+        s_model, s_seconds = sigtuple_models[key]
+        z_model, z_seconds = fit_on([zheng], args, settings)
+        cells = []
+        for model, pairs in ((s_model, zheng_test), (z_model, sig_test)):
+            for known in (False, True):
+                cells.append(mean_std(cell_dice(model, pairs, known_scale=known)[0]) if known or
+                             model.info.preprocess["cell_diameter"] else "(no scale set)")
+        if variant in args.flip_variants:
+            flipped = [mean_std(cell_dice(m, p, known_scale=True, flips=True)[0])
+                       for m, p in ((s_model, zheng_test), (z_model, sig_test))]
+        else:
+            flipped = ["", ""]
+        log(f"ablation {variant}: S->Z {cells[:2]} Z->S {cells[2:]} flips {flipped}; {s_seconds:.0f} + "
+            f"{z_seconds:.0f} s")
+        rows.append([variant, *cells[:2], flipped[0], *cells[2:], flipped[1], f"{s_seconds:.0f} / {z_seconds:.0f}"])
+    table = markdown_table(["variant", "SigTuple -> Zheng, scale assumed", "scale known", "+ flips",
+                            "Zheng -> SigTuple, scale assumed", "scale known", "+ flips", "train s (S / Z)"], rows)
+    return table + (f"\n\nPer-image whole-cell Dice (mean ± std) of a 'unet' trained on all of one dataset (10% "
+                    f"held out for selection) and tested on the other: Zheng Dataset 1's {len(zheng_test)} images, "
+                    f"SigTuple's {len(sig_test)} patches. Short runs for the comparison: up to {args.epochs} epochs "
+                    f"of {args.crops} crops, patience {args.patience}. 'Scale known' resamples the test images "
+                    "from the cell diameter measured on their own masks (a user who gives the pixel size); 'scale "
+                    "assumed' takes them to be at the training images' scale. Variants change the former recipe "
+                    "('before': native scale, zoom 0.9-1.1, stain jitter 0.05 / 0.03, hue 0.02, half the crops on a cell) in one "
+                    "respect: 'scale' resamples every dataset to 64 px cells; 'scale-aug' adds zoom 0.7-1.4; "
+                    "'stain-jitter' OD-space stain jitter 0.25 / 0.08 and hue 0.05; 'reinhard' normalises colours; "
+                    "'negatives' centres only a quarter of the crops on a cell; 'binary' trains Zheng as whole cells "
+                    "(SigTuple is binary already); 'recipe' is the default blood recipe.")
+
+
+def bench_cross(args) -> str:
+    sigtuple, zheng = cross_data(args)
+    settings = recipe("recipe")
+    sig_patches = registry.load("wbc-sigtuple", "patches", args.data_dir)
+    tests = {"SigTuple patches": limited(segment_train.decode(sig_patches), args),
+             "SigTuple large smears": segment_train.decode(registry.load("wbc-sigtuple", "large", args.data_dir))[
+                 :args.limit or None],
+             "Zheng": limited(segment_train.decode(zheng), args)}
+    # Trained together: fold 0 of each is the test (SigTuple's published fold: patches train-N, N % 5 == 0).
+    s_train, s_test = folds(sigtuple, 5)[0]
+    z_train, z_test = folds(zheng, 5)[0]
+    both_tests = {"SigTuple fold 0": limited(segment_train.decode(sigtuple.subset(s_test)), args),
+                  "Zheng fold 0": limited(segment_train.decode(zheng.subset(z_test)), args)}
+    runs = [("SigTuple", [sigtuple], ["Zheng"]), ("Zheng", [zheng], ["SigTuple patches", "SigTuple large smears"]),
+            ("both", [sigtuple.subset(s_train), zheng.subset(z_train)], list(both_tests))]
+    out = Path(args.out)
+    rows = []
+    for trained_on, sources, tested_on in runs:
+        model, seconds = fit_on(sources, args, settings)
+        for name in tested_on:
+            pairs = {**tests, **both_tests}[name]
+            for known in (True, False):
+                scores, preds = cell_dice(model, pairs, known_scale=known)
+                rows.append([trained_on, name, "known" if known else "assumed", mean_std(scores),
+                             f"{np.min(scores):.3f}", f"{np.mean(np.array(scores) >= 0.9):.0%}", len(scores),
+                             f"{seconds:.0f}"])
+                log(f"cross {trained_on} -> {name}, scale {rows[-1][2]}: {rows[-1][3]}")
+                if known:
+                    worst_overlays(pairs, preds, scores, out / f"{trained_on}-to-{name.replace(' ', '-')}.png",
+                                   f"trained on {trained_on}, tested on {name}: the worst images")
+    diameters = {name: segment_train.cell_diameter(segment_train.whole_cells(segment_train.decode(d)))
+                 for name, d in (("SigTuple", sigtuple), ("Zheng", zheng))}
+    table = markdown_table(["trained on", "tested on", "scale", "per-image Dice", "worst", "images >= 0.90",
+                            "images", "train s"], rows)
+    blood = segment_train.BLOOD
+    return table + ("\n\nWhole-cell Dice per image (Zheng: nucleus + cytoplasm; a Zheng-trained model's "
+                    "nucleus and cytoplasm merged). The default blood recipe "
+                    f"({', '.join(f'{k}={v}' for k, v in blood.items())}): 'unet', up to {args.epochs} epochs of "
+                    f"{args.crops} crops, patience {args.patience}, 10% of each training set held out for "
+                    "selection. Trained on both: whole cells, crop 96. Scale: pixel sizes are stated by neither "
+                    "dataset; the median whole-cell diameter measured on the masks is "
+                    f"{diameters['SigTuple']:.1f} px (SigTuple) and {diameters['Zheng']:.1f} px (Zheng). 'known' "
+                    "resamples test images from their measured diameter, 'assumed' at the training images' scale "
+                    f"(what `ocula predict` does without --cell-diameter). Overlays of the worst images: {out}/.")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
@@ -251,6 +421,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="ablation: the recipe variants to train and score")
+    ap.add_argument("--flip-variants", nargs="*", default=["scale", "recipe"],
+                    help="ablation: variants also scored with test-time flips (4x the inference)")
+    ap.add_argument("--out", default="benchmarks/out/segment-cross", help="cross: folder for the worst overlays")
     ap.add_argument("--quick", action="store_true", help="1 fold, 2 epochs of 8 crops, few test images; no record")
     args = ap.parse_args()
     args.limit = 0
@@ -261,8 +436,10 @@ def main():
     torch.set_num_threads(args.threads)
     titles = {"sigtuple": "Segmentation: SigTuple WBC 5-fold CV", "zheng": "Segmentation: Zheng 2018 WBC Dataset 1",
               "isbi": "Segmentation: ISBI 2012 membranes", "large": "Segmentation: large SigTuple images, tiled "
-              "vs candidate crops"}
-    benches = {"sigtuple": bench_sigtuple, "zheng": bench_zheng, "isbi": bench_isbi, "large": bench_large}
+              "vs candidate crops", "cross": "Segmentation: cross-dataset white cells (SigTuple <-> Zheng)",
+              "ablation": "Segmentation: what makes white-cell segmentation generalise"}
+    benches = {"sigtuple": bench_sigtuple, "zheng": bench_zheng, "isbi": bench_isbi, "large": bench_large,
+               "cross": bench_cross, "ablation": bench_ablation}
     for section in args.sections:
         start = time.perf_counter()
         body = benches[section](args)

@@ -70,13 +70,21 @@ TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "sc
                   "val_fraction", "widths", "width_mult", "fold", "crop", "crops_per_epoch", "minutes",
                   "steps_per_epoch", "weights", "input_size", "embedder", "k", "labels_per_class", "encoder",
                   "code_size", "penalty", "sparsity", "rho", "noise", "noise_level", "likelihood", "kl_warmup",
-                  "binarize", "iw_samples", "feature_model")
+                  "binarize", "iw_samples", "feature_model", "cell_diameter", "stain", "flips")
+
+
+def _mask_policy(args) -> None:
+    """--strict-masks: segmentation masks with any value that is not exactly a class value are refused."""
+    from ocula.data.segmentation import MASK_POLICY
+
+    MASK_POLICY.strict = args.strict_masks
 
 
 def cmd_train(args):
     import ocula
     from ocula.engine import distributed
 
+    _mask_policy(args)
     if not (args.dataset or args.config):
         raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
     settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
@@ -94,6 +102,7 @@ def cmd_evaluate(args):
     if not distributed.is_main():  # evaluation is not sharded: under torchrun, rank 0 scores the whole split
         return 0
 
+    _mask_policy(args)
     model = ocula.load(args.model, device=args.device)
     name = f"eval-{Path(args.data or 'own').name}-{args.split or 'default'}"
     out = Path(args.out or Path(args.model).parent / name)
@@ -134,7 +143,8 @@ def cmd_predict(args):
     # A job-array task takes its --shard; torchrun ranks split the files and rank 0 prints the merged result.
     index, count = args.shard or (distributed.rank(), distributed.world_size())
     files = distributed.shard(files, index, count)
-    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh", "mode")
+    options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh", "mode",
+                                             "cell_diameter")
                if getattr(args, k) is not None}
     out, failed = [], 0
     for f in files:  # one file at a time: a bad file is reported and the others are still predicted
@@ -337,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     def device(c):
         c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
 
+    def strict_masks(c):
+        c.add_argument("--strict-masks", action="store_true", help="segment: refuse a mask with any value that is "
+                       "not exactly a class value (default: values within 32 grey levels are snapped, with a warning)")
+
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/ (the task follows from the data)")
     c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
                    "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
@@ -378,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fold", type=int, help="segment: validate on cross-validation fold K of 5 instead")
     c.add_argument("--crop", type=int, help="segment: training crop size in px (default per dataset)")
     c.add_argument("--crops-per-epoch", type=int, help="segment: cap on the random crops per epoch")
+    c.add_argument("--cell-diameter", type=float, metavar="PX", help="segment: px a white cell spans inside the "
+                   "model; images are resampled to it from the diameter measured on their masks (blood: 64, 0 = "
+                   "native scale)")
+    c.add_argument("--stain", choices=["reinhard", "none"], help="segment: colour normalisation")
+    c.add_argument("--flips", action=argparse.BooleanOptionalAction, help="segment: average predictions over flips")
     c.add_argument("--minutes", type=float, help="detect and classify: wall-clock budget (detect: default 40); "
                    "with --epochs, whichever ends first")
     c.add_argument("--steps-per-epoch", type=int, help="detect: batches between validations")
@@ -397,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--runs-dir", default=str(RUNS))
     c.add_argument("--quiet", action="store_true")
+    strict_masks(c)
     data_dir(c)
 
     c = command("evaluate", cmd_evaluate, "score a model on a dataset split: accuracy and confusion matrix, "
@@ -405,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="dataset name or folder (default: the one it was trained on)")
     c.add_argument("--split", help="default: test, else val")
     c.add_argument("--out", help="folder for eval.json and figures")
+    strict_masks(c)
     device(c)
     data_dir(c)
 
@@ -447,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "masks, overlays and cell tables, boxes; '' for none")
     c.add_argument("--batch-size", type=int)
     c.add_argument("--pixel-size", type=float, metavar="UM", help="segment: micrometres per pixel for cell sizes")
+    c.add_argument("--cell-diameter", type=float, metavar="PX", help="segment: px a white cell spans in these "
+                   "images, to resample them to the model's scale (default: assume the model's own, and say so)")
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
     c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")

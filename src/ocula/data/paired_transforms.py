@@ -170,12 +170,14 @@ class StainJitter:
         return _to_uint8(np.exp(-od) * 256.0 - 1.0), mask
 
 
-def blood_smear_augment() -> Compose:
+def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma: float = 0.05,
+                        stain_bias: float = 0.03, hue: float = 0.02) -> Compose:
     """Default for stained blood smears: cells have no preferred orientation, so all flips and quarter turns are
-    free; plus mild warps and the colour / stain drift seen between labs, scanners and staining batches."""
+    free; plus warps (`scale` is the zoom range) and the colour / stain drift seen between labs, scanners and
+    staining batches (`stain_sigma` / `stain_bias`: StainJitter's, `hue`: ColorJitter's, in turns)."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
-        Affine(degrees=30.0, scale=(0.9, 1.1), translate=0.05, p=0.5),
-        ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02, p=0.8),
-        StainJitter(sigma=0.05, bias=0.03, p=0.5),
+        Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
+        ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=hue, p=0.8),
+        StainJitter(sigma=stain_sigma, bias=stain_bias, p=0.5),
     ])

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,33 +98,58 @@ def threshold_mask(path: Path, level: int = 127) -> np.ndarray:
     return (read_image(path, "L") > level).astype(np.uint8)
 
 
+@dataclass
+class MaskPolicy:
+    """What mask readers do with values that are not exactly a class value. Anti-aliasing or re-saving leaves a
+    few grey pixels on edges: those within `tolerance` grey levels of a class value are snapped to it, with one
+    warning per file that counts them; values farther from every class are an error naming the file. `strict`
+    refuses any inexact value. Process-wide: `ocula.data.segmentation.MASK_POLICY.strict = True`, or the CLI's
+    --strict-masks."""
+
+    tolerance: int = 32  # a quarter of the 127-level gap between 3-class grey masks (0 / 128 / 255)
+    strict: bool = False
+
+
+MASK_POLICY = MaskPolicy()
+
+
+def snap_values(a: np.ndarray, values: Sequence[int], path: Path) -> np.ndarray:
+    """Class indices (values[k] -> k) of grey mask `a`, applying MASK_POLICY to values that are not in `values`."""
+    values = np.asarray(values, dtype=np.int64)
+    levels, inverse = np.unique(a, return_inverse=True)
+    distance = np.abs(levels[:, None].astype(np.int64) - values[None])
+    nearest, off = distance.argmin(1), distance.min(1)
+    if off.any():
+        limit = 0 if MASK_POLICY.strict else MASK_POLICY.tolerance
+        far = levels[off > limit]
+        if len(far):
+            within = "strict masks" if MASK_POLICY.strict else f"nor within {limit} grey levels of one"
+            raise OculaError(f"unexpected mask values {far[:8].tolist()}; expected only {values.tolist()} "
+                             f"({within})", path)
+        counts = np.bincount(inverse.ravel(), minlength=len(levels))
+        warnings.warn(f"{path}: {int(counts[off > 0].sum())} mask pixels with stray values "
+                      f"{levels[off > 0][:8].tolist()} snapped to the nearest of {values.tolist()}", stacklevel=2)
+    return nearest.astype(np.uint8)[inverse.reshape(a.shape)]
+
+
 def value_mask(values: Sequence[int]) -> MaskReader:
-    """Reader mapping exact grey levels to class indices (values[k] -> k); any other value is an error."""
-    values = [int(v) for v in values]
-    lut = np.zeros(max(values) + 1, dtype=np.uint8)
-    lut[values] = np.arange(len(values))
-
-    def read(path: Path) -> np.ndarray:
-        a = _gray(path)
-        known = np.isin(a, values)
-        if not known.all():
-            bad = np.unique(a[~known])[:8].tolist()
-            raise OculaError(f"unexpected mask values {bad}; expected only {values}", path)
-        return lut[a]
-
-    return read
+    """Reader mapping grey levels to class indices (values[k] -> k), stray values handled by MASK_POLICY."""
+    return lambda path: snap_values(_gray(path), values, path)
 
 
-def index_mask(path: Path) -> np.ndarray:
+def index_mask(path: Path, num_classes: int = 2) -> np.ndarray:
     """Generic mask: palette / indexed values are class indices (255 = ignore), except that a greyscale 0/255
-    mask becomes {0,1}; JPEG masks are thresholded since their values are never exact."""
+    mask becomes {0,1} (a two-class one with stray grey values too, by MASK_POLICY); JPEG masks are thresholded
+    since their values are never exact."""
     if path.suffix.lower() in (".jpg", ".jpeg"):
         return threshold_mask(path)
     a = _gray(path)
     with Image.open(path) as im:
         palette = im.mode == "P"  # palette indices are classes even when only 0 and 255 occur (VOC's void)
-    if not palette and a.size and a.max() == 255 and np.isin(a, (0, 255)).all():
-        return (a // 255).astype(np.uint8)
+    if not palette and a.size and a.max() == 255:
+        indices = np.isin(a, (0, 1, 255)) if num_classes == 2 else None
+        if np.isin(a, (0, 255)).all() or (indices is not None and not indices.all()):
+            return snap_values(a, (0, 255), path)
     return a.astype(np.uint8) if a.max(initial=0) < 256 else a.astype(np.int64)
 
 
@@ -236,8 +264,8 @@ def load_mask_folder(root: str | Path, split: str = "train", classes: Sequence[s
                      masks: bool = True) -> MaskDataset:
     """Generic layout: `root/[split/]images/*` with masks of the same stem in `root/[split/]masks/`.
 
-    Masks: binary 0/255 (-> 0/1), indexed or palette PNG (values are class indices, 255 = ignore), or JPEG
-    (thresholded).
+    Masks: binary 0/255 (-> 0/1; stray grey values by MASK_POLICY), indexed or palette PNG (values are class
+    indices, 255 = ignore), or JPEG (thresholded).
     Class names come from `classes`, else from `root/classes.txt` (one per line), else background/foreground.
     `masks=False` lists the images alone, for prediction.
     """
@@ -255,7 +283,7 @@ def load_mask_folder(root: str | Path, split: str = "train", classes: Sequence[s
                 raise OculaError(f"two masks share the stem {m.stem!r} (also {by_stem[m.stem].name})", m)
             by_stem[m.stem] = m
     files = _pairs(images, lambda p: by_stem.get(p.stem), need_masks=masks)
-    return MaskDataset(files, classes, index_mask, name=str(root))
+    return MaskDataset(files, classes, partial(index_mask, num_classes=len(classes)), name=str(root))
 
 
 register(DatasetInfo(

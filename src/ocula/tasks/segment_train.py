@@ -30,15 +30,20 @@ from ocula.tasks.segment import (IGNORE_INDEX, CrossEntropyDiceLoss, Segmentatio
 
 MODELS = ("unet", "unet-seed")
 OPTIONS = dict(fold=None, n_folds=5, val_fraction=0.1, crop=None, augment=None, crops_per_epoch=None,
-               arch_args=None)
+               arch_args=None, cell_diameter=None, stain=None, flips=None, binary=False)
 # Peak learning rates: batch norm and residuals let 'unet' take a larger step than the plain seed.
 LEARNING_RATES = {"unet": 2e-3, "unet-seed": 3e-4}
-# Per dataset: training crop size, augmentation, and the smallest object prediction keeps. Zheng's cells are
-# 88-120 px images, ISBI's slices 512 px. A SigTuple WBC covers about 3000 px; the notes ignore blobs under 500.
-DATASETS = {"wbc-sigtuple": dict(crop=128, augment="smear", min_area=500),
-            "wbc-zheng": dict(crop=96, augment="smear", min_area=0),
-            "isbi2012": dict(crop=256, augment="grey", min_area=0)}
-DEFAULT_SETUP = dict(crop=128, augment="geometry", min_area=0)
+# Per dataset: training crop size, augmentation, the smallest object prediction keeps, and the blood recipe's
+# scale and stain handling. Zheng's cells are 88-120 px images, ISBI's slices 512 px. A SigTuple WBC covers about
+# 3000 px; the notes ignore blobs under 500. cell_diameter: the px a white cell spans inside the model; every
+# training image is resampled to it from the median diameter measured on its own masks (SigTuple 63 px, Zheng
+# 75 px), so smears from other microscopes can be brought to the same scale (None: native scale). stain: colour
+# normalisation (None or 'reinhard'); flips: average the prediction over the four flips.
+BLOOD = dict(augment="smear", cell_diameter=64, stain=None, flips=False)
+DATASETS = {"wbc-sigtuple": dict(BLOOD, crop=128, min_area=500),
+            "wbc-zheng": dict(BLOOD, crop=96, min_area=0),
+            "isbi2012": dict(crop=256, augment="grey", min_area=0, cell_diameter=None, stain=None, flips=False)}
+DEFAULT_SETUP = dict(crop=128, augment="geometry", min_area=0, cell_diameter=None, stain=None, flips=False)
 FOREGROUND_CROPS = 0.5
 
 
@@ -81,6 +86,65 @@ def decode(dataset: MaskDataset) -> Pairs:
     if not dataset.has_masks:
         raise OculaError(f"dataset {dataset.name or ''} has images without masks: cannot train or score on it")
     return Pairs((dataset[i] for i in range(len(dataset))), dataset.classes)
+
+
+def whole_cells(pairs: Pairs) -> Pairs:
+    """Multi-class masks as background / cell (every foreground class is the cell; ignored pixels stay so)."""
+    return Pairs(((image, np.where(mask == IGNORE_INDEX, mask, mask > 0).astype(np.uint8)) for image, mask in pairs),
+                 ("background", "cell"))
+
+
+def cell_diameter(pairs: Pairs) -> float:
+    """Median equivalent diameter (px) of the masks' foreground objects that lie wholly inside their image: the
+    scale of a dataset, since neither SigTuple nor Zheng states a pixel size."""
+    from skimage.measure import regionprops, label
+
+    diameters = []
+    for _, mask in pairs:
+        h, w = mask.shape
+        for region in regionprops(label((mask > 0) & (mask != IGNORE_INDEX))):
+            r0, c0, r1, c1 = region.bbox
+            if r0 > 0 and c0 > 0 and r1 < h and c1 < w:
+                diameters.append(region.equivalent_diameter_area)
+    if not diameters:
+        raise OculaError("no object lies wholly inside its image, so the cell diameter cannot be measured; train "
+                         "at the native scale (cell_diameter=0)")
+    return float(np.median(diameters))
+
+
+def resize(array: np.ndarray, factor: float, nearest: bool = False) -> np.ndarray:
+    """`array` (uint8 image or mask) scaled by `factor`: bilinear (antialiased when shrinking) or nearest."""
+    from PIL import Image
+
+    if factor == 1:
+        return array
+    h, w = array.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return np.asarray(Image.fromarray(array).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def prepare(datasets, *, cell_diameter_px: float | None, binary: bool = False) -> tuple[Pairs, float | None]:
+    """(pairs, native cell diameter): the decoded pairs of one dataset or several, each resampled from its
+    measured cell diameter to `cell_diameter_px` (None: native scale, nothing measured), and the mean of the
+    measured diameters; `binary` merges foreground classes into one (whole cells)."""
+    parts, diameters = [], []
+    for dataset in _datasets(datasets):
+        pairs = decode(dataset)
+        pairs = whole_cells(pairs) if binary and len(pairs.classes) > 2 else pairs
+        if cell_diameter_px:
+            diameters.append(cell_diameter(pairs))
+            factor = cell_diameter_px / diameters[-1]
+            pairs = Pairs(((resize(i, factor), resize(m, factor, nearest=True)) for i, m in pairs), pairs.classes)
+        parts.append(pairs)
+    if len({len(p.classes) if binary else p.classes for p in parts}) > 1:
+        raise OculaError(f"datasets trained together need the same classes, not {[list(p.classes) for p in parts]}; "
+                         "train on whole cells (binary=True)")
+    return Pairs((pair for p in parts for pair in p), parts[0].classes), (float(np.mean(diameters)) if diameters
+                                                                         else None)
+
+
+def _datasets(data) -> list[MaskDataset]:
+    return [data] if isinstance(data, MaskDataset) else list(data)
 
 
 def channel_stats(pairs: Pairs) -> tuple[list[float], list[float]]:
@@ -142,25 +206,54 @@ def drop_small_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
     return np.where(small[components], 0, labels)
 
 
-def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, batch_size: int = 8) -> torch.Tensor:
-    """Probabilities [K, H, W] for an RGB uint8 image of any size, by seamless tiled inference."""
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
+
+
+def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, batch_size: int = 8,
+                  scale: float = 1.0, stain: dict | None = None, flips: bool = False) -> torch.Tensor:
+    """Probabilities [K, H, W] for an RGB uint8 image of any size, by seamless tiled inference on the image
+    stain-normalised to `stain` and resampled by `scale` (the model's cell size over the image's); the
+    probabilities come back at the image's own size. `flips` averages the four flipped predictions."""
+    from ocula.data.stain import reinhard
+
+    h, w = image.shape[:2]
+    image = resize(reinhard(image, stain) if stain else image, scale)
     x = torch.tensor(image).permute(2, 0, 1).float()  # a copy: decoded images are read-only arrays
-    return predict_tiled(model, x, tile=tile, overlap=overlap, batch_size=batch_size)
+    probs = torch.stack([predict_tiled(model, x.flip(f), tile=tile, overlap=overlap, batch_size=batch_size).flip(f)
+                         for f in (FLIPS if flips else FLIPS[:1])]).mean(0)
+    if probs.shape[1:] != (h, w):
+        probs = torch.nn.functional.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return probs
 
 
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
-                   min_area: int = 0, batch_size: int = 8) -> np.ndarray:
-    """Class labels [H, W] (0 = background) for an RGB uint8 image of any size, without foreground objects
-    under `min_area` px."""
-    probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size)
-    return drop_small_objects(probs_to_labels(probs[None], threshold=threshold)[0], min_area)
+                   min_area: int = 0, batch_size: int = 8, scale: float = 1.0, stain: dict | None = None,
+                   flips: bool = False) -> np.ndarray:
+    """Class labels [H, W] (0 = background) for an RGB uint8 image of any size (`predict_probs`), without
+    foreground objects under `min_area` px at the model's scale."""
+    probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size, scale=scale,
+                          stain=stain, flips=flips)
+    return drop_small_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2))
 
 
-def tiling(info: ModelInfo) -> dict:
-    """The inference settings a model file records (files written before min_area existed keep every object)."""
+def tiling(info: ModelInfo, cell_diameter_px: float | None = None) -> dict:
+    """The inference settings a model file records (files written before min_area, stain or flips existed keep
+    every object, leave colours and do not flip), for images whose cells span `cell_diameter_px` (default: as
+    in the training images)."""
     pre = info.preprocess
     return {"tile": pre["tile"], "overlap": pre["overlap"], "threshold": pre["threshold"],
-            "min_area": pre.get("min_area", 0)}
+            "min_area": pre.get("min_area", 0), "stain": pre.get("stain"), "flips": pre.get("flips", False),
+            "scale": scale_for(info, cell_diameter_px)}
+
+
+def scale_for(info: ModelInfo, cell_diameter_px: float | None) -> float:
+    """Resampling factor from images whose cells span `cell_diameter_px` (default: the training images'
+    measured diameter) to the model's scale (1: a model without a set scale)."""
+    model_px = info.preprocess.get("cell_diameter")
+    if cell_diameter_px is not None and cell_diameter_px <= 0:
+        raise OculaError(f"cell diameter must be positive, got {cell_diameter_px}")
+    assumed = cell_diameter_px or info.preprocess.get("training_cell_diameter")
+    return model_px / assumed if model_px and assumed else 1.0
 
 
 def score(model, pairs, **settings) -> dict:
@@ -175,10 +268,12 @@ def score(model, pairs, **settings) -> dict:
 def write_evaluation(model, dataset: MaskDataset, out_dir: Path) -> dict:
     """Score whole-image predictions on `dataset` and write eval.json (global, per-class and per-image Dice /
     IoU, each image named) and predictions.png (truth and prediction overlays of the first images)."""
-    pairs, settings = decode(dataset), tiling(model.info)
+    pairs = decode(dataset)
+    settings = evaluation_settings(model.info, pairs)
     scores = score(model, pairs, **settings)
     names = [image.name for image, _ in dataset.files]
     result = {"dataset": dataset.name, "images": len(pairs), "classes": list(model.info.classes),
+              "scale": settings["scale"],
               **{k: v for k, v in scores.items() if not k.endswith("per_image")},
               "per_image": [{"file": n, "dice": float(np.mean(d[1:])), "iou": float(np.mean(i[1:]))}
                             for n, d, i in zip(names, scores["dice_per_image"], scores["iou_per_image"])]}
@@ -187,6 +282,12 @@ def write_evaluation(model, dataset: MaskDataset, out_dir: Path) -> dict:
                      title=f"{Path(dataset.name).name}: Dice {scores['dice']:.3f} on {len(pairs)} images")
     write_json(out_dir / "eval.json", result)
     return result
+
+
+def evaluation_settings(info: ModelInfo, pairs: Pairs) -> dict:
+    """Inference settings for scoring on `pairs`: a model that works at a set cell size gets the images
+    resampled from the cell diameter measured on their masks, as a user who knows the scale would."""
+    return tiling(info, cell_diameter(pairs) if info.preprocess.get("cell_diameter") else None)
 
 
 def save_mask(labels: np.ndarray, path: Path, multiclass: bool) -> Path:
@@ -212,13 +313,20 @@ class Segmentation:
     mask: np.ndarray  # [H, W] class indices
     cells: "Cells"  # noqa: F821 (ocula.tasks.cells, imported when predicting)
     multiclass: bool
+    cell_diameter_px: float | None = None  # the white-cell size the image was taken to have (None: no scale set)
+    assumed: bool = False  # True when that size is the model's own, not one the caller gave
 
     def describe(self) -> str:
-        return f"{self.source}: {self.cells.count} cells, {(self.mask > 0).mean():.1%} foreground"
+        text = f"{self.source}: {self.cells.count} cells, {(self.mask > 0).mean():.1%} foreground"
+        if self.assumed:
+            text += (f"; scale unknown, assumed white cells {self.cell_diameter_px:g} px across as in the training "
+                     "images (set --cell-diameter if not)")
+        return text
 
     def to_json(self) -> dict:
         return {"file": self.source, "count": self.cells.count, "foreground": round(float((self.mask > 0).mean()), 5),
-                "pixel_size_um": self.cells.pixel_size, "cells": self.cells.rows}
+                "pixel_size_um": self.cells.pixel_size, "cell_diameter_px": self.cell_diameter_px,
+                "scale_assumed": self.assumed, "cells": self.cells.rows}
 
     def save(self, out_dir: Path, stem: str) -> dict:
         """STEM-mask.png, STEM-overlay.png, STEM-cells.csv and STEM-cells.json in `out_dir`."""
@@ -235,19 +343,26 @@ class Segmentation:
 
 
 def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: int = 8,
-            pixel_size: float | None = None, min_area: int | None = None) -> list[Segmentation]:
+            pixel_size: float | None = None, min_area: int | None = None,
+            cell_diameter: float | None = None) -> list[Segmentation]:
     """Segment RGB images of any size by tiled inference (`batch_size` tiles at a time) and measure their cells.
-    `min_area` overrides the model file's smallest kept object; `pixel_size` (um per px) adds sizes in um."""
+    `min_area` overrides the model file's smallest kept object; `pixel_size` (um per px) adds sizes in um;
+    `cell_diameter` (px a white cell spans in these images) resamples them to the model's scale; when it is not
+    given the images are taken to be at the training images' scale, and the result says so."""
     from ocula.tasks.cells import find_cells
 
-    settings = tiling(model.info) if min_area is None else {**tiling(model.info), "min_area": min_area}
+    settings = tiling(model.info, cell_diameter)
+    if min_area is not None:
+        settings["min_area"] = min_area
+    own = model.info.preprocess.get("cell_diameter") and model.info.preprocess.get("training_cell_diameter")
     multiclass = model.info.preprocess["output"] == "multiclass"
     results = []
     for image, source in zip(images, sources):
         image = as_rgb(image)
         labels = predict_labels(model, image, **settings, batch_size=batch_size)
         cells = find_cells(labels, image, multiclass=multiclass, pixel_size=pixel_size)
-        results.append(Segmentation(source, image, labels, cells, multiclass))
+        results.append(Segmentation(source, image, labels, cells, multiclass, cell_diameter or own,
+                                    assumed=bool(own) and cell_diameter is None))
     return results
 
 
@@ -268,7 +383,9 @@ def plot_predictions(model, pairs, path: Path, *, limit: int = 8, title: str = "
 # --------------------------------------------------------------------------------------------------- training
 
 
-def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, arch_args: dict | None = None):
+def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_area: int = 0,
+               arch_args: dict | None = None, cell_diameter_px: float | None = None, stain: dict | None = None,
+               flips: bool = False, native_px: float | None = None):
     """Architecture arguments (the named U-Net, normalised with the training set's statistics) and ModelInfo."""
     from ocula.models.unet import unet_config
 
@@ -280,35 +397,53 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, arch_a
             **(arch_args or {})}
     # Inference tiles twice the training crop: more context per window and fewer seams, same weights.
     preprocess = {"channels": 3, "value_max": 255.0, "input_size": [crop, crop], "tile": 2 * crop,
-                  "overlap": 0.25, "threshold": 0.5, "min_area": DATASETS.get(dataset, DEFAULT_SETUP)["min_area"],
-                  "output": "binary" if len(classes) == 2 else "multiclass", "dataset": dataset}
+                  "overlap": 0.25, "threshold": 0.5, "min_area": min_area,
+                  "output": "binary" if len(classes) == 2 else "multiclass", "dataset": dataset,
+                  "cell_diameter": cell_diameter_px, "training_cell_diameter": native_px and round(native_px, 1),
+                  "stain": stain, "flips": flips}
     return args, ModelInfo(task="segment", arch="normalized-unet", args=args, classes=classes,
                            preprocess=preprocess, extra={"model": model_name})
 
 
-def fit(train_set: MaskDataset, model_name: str, config: TrainConfig, *, val_set: MaskDataset | None = None,
-        crop: int = 128, augment: str = "smear", crops_per_epoch: int | None = None, run_dir: Path | None = None,
-        resume: bool = False, progress: bool = True, arch_args: dict | None = None):
-    """Train a U-Net on crops of `train_set`, scoring `val_set` each epoch; returns (model, info, history).
+def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: int = 128, augment="smear",
+        crops_per_epoch: int | None = None, run_dir: Path | None = None, resume: bool = False,
+        progress: bool = True, arch_args: dict | None = None, cell_diameter: float | None = None,
+        stain: str | None = None, flips: bool = False, binary: bool = False, foreground: float = FOREGROUND_CROPS):
+    """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
+    (likewise) each epoch; returns (model, info, history).
 
-    The model is the best by val_dice when there is a validation set (reloaded from run_dir/best.ocula), the
-    last one otherwise."""
-    if augment not in AUGMENTS:
+    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` ('reinhard') normalises
+    colours, `flips` makes prediction average the four flips, `binary` trains whole cells from multi-class masks,
+    `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and background).
+    `augment` names an AUGMENTS entry or is a factory of paired transforms. The model is the best by val_dice when
+    there is a validation set (reloaded from run_dir/best.ocula), the last one otherwise."""
+    if isinstance(augment, str) and augment not in AUGMENTS:
         raise OculaError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if stain not in (None, "reinhard"):
+        raise OculaError(f"unknown stain normalisation {stain!r}; choose reinhard or none")
+    from ocula.data.stain import reinhard, reinhard_target
     from ocula.engine.device import runtime
 
     if val_set is None and config.monitor.startswith("val_"):
         config = TrainConfig(**{**asdict(config), "monitor": "loss", "mode": "min"})
-    train = decode(train_set)
-    args, info = model_info(train, model_name, crop=crop, dataset=train_set.name, arch_args=arch_args)
+    sources = _datasets(train_set)
+    train, native_px = prepare(sources, cell_diameter_px=cell_diameter, binary=binary)
+    target = reinhard_target(image for image, _ in train) if stain else None
+    if target:
+        train = Pairs(((reinhard(image, target), mask) for image, mask in train), train.classes)
+    min_area = max(DATASETS.get(d.name, DEFAULT_SETUP)["min_area"] for d in sources)
+    args, info = model_info(train, model_name, crop=crop, dataset="+".join(d.name for d in sources),
+                            min_area=min_area, arch_args=arch_args, cell_diameter_px=cell_diameter, stain=target,
+                            flips=flips, native_px=native_px)
     with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
         model = build(info.arch, **args)
     loss = CrossEntropyDiceLoss()  # BCE + Dice for one output channel, softmax CE + Dice for several
-    batches = CropBatches(train, crop=crop, batch_size=config.batch_size, transform=AUGMENTS[augment](),
-                          crops=crops_per_epoch)
+    transform = (AUGMENTS[augment] if isinstance(augment, str) else augment)()
+    batches = CropBatches(train, crop=crop, batch_size=config.batch_size, transform=transform,
+                          crops=crops_per_epoch, foreground=foreground)
     evaluate_fn = None
     if val_set is not None:
-        val = decode(val_set)
+        val, _ = prepare(val_set, cell_diameter_px=cell_diameter, binary=binary)  # at the model's scale
 
         def evaluate_fn(m):
             scores = score(m, val, **tiling(info))
@@ -354,25 +489,34 @@ def split(data: MaskDataset, *, fold: int | None, n_folds: int = 5, val_fraction
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, fold: int | None = None, n_folds: int = 5, val_fraction: float = 0.1,
           crop: int | None = None, augment: str | None = None, crops_per_epoch: int | None = None,
-          arch_args: dict | None = None):
+          arch_args: dict | None = None, cell_diameter: float | None = None, stain: str | None = None,
+          flips: bool | None = None, binary: bool = False):
     """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder), validating on
-    cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size and augmentation default
-    per dataset; `arch_args` override the named U-Net's arguments (e.g. widths). Returns (model, summary)."""
+    cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size, augmentation and the blood
+    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard' or 'none') and `flips` default per
+    dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named U-Net's
+    arguments (e.g. widths). Returns (model, summary)."""
     run_dir = Path(run_dir)
     dataset = load_data(data, None, data_dir)
     setup = {**DATASETS.get(data, DEFAULT_SETUP)}
-    setup.update({k: v for k, v in (("crop", crop), ("augment", augment)) if v is not None})
+    setup.update({k: v for k, v in (("crop", crop), ("augment", augment), ("cell_diameter", cell_diameter),
+                                    ("stain", stain), ("flips", flips)) if v is not None})
+    setup["stain"] = None if setup["stain"] == "none" else setup["stain"]
     train_set, val_set = split(dataset, fold=fold, n_folds=n_folds, val_fraction=val_fraction, seed=config.seed)
     model, info, history = fit(train_set, model_name, config, val_set=val_set, crop=setup["crop"],
                                augment=setup["augment"], crops_per_epoch=crops_per_epoch, run_dir=run_dir,
-                               resume=resume, progress=progress, arch_args=arch_args)
+                               resume=resume, progress=progress, arch_args=arch_args,
+                               cell_diameter=setup["cell_diameter"] or None, stain=setup["stain"],
+                               flips=setup["flips"], binary=binary)
     summary = {"fold": fold, "epochs": len(history), "train_images": len(train_set),
                "val_images": len(val_set) if val_set else 0, **setup}
     if val_set is not None:
         pairs = decode(val_set)
-        scores = score(model, pairs, **tiling(info))
+        pairs = whole_cells(pairs) if binary and len(pairs.classes) > 2 else pairs
+        settings = evaluation_settings(info, pairs)
+        scores = score(model, pairs, **settings)
         summary.update(val_dice=scores["dice"], val_image_dice=scores["mean_image_dice"])
-        plot_predictions(model, pairs, run_dir / "val_predictions.png", **tiling(info),
+        plot_predictions(model, pairs, run_dir / "val_predictions.png", **settings,
                          title=f"{Path(data).name} {model_name}: val Dice {scores['dice']:.3f}")
     info.metrics = {k: v for k, v in summary.items() if k.startswith("val_")}
     model.info = info
@@ -391,7 +535,8 @@ def evaluate(model, data: MaskDataset, out_dir: Path | None = None) -> dict:
     """Dice / IoU of whole-image predictions; with `out_dir`, also eval.json and predictions.png."""
     if out_dir is not None:
         return write_evaluation(model, data, out_dir)
-    return score(model, decode(data), **tiling(model.info))
+    pairs = decode(data)
+    return score(model, pairs, **evaluation_settings(model.info, pairs))
 
 
 def export(model, fmt: str, path: Path) -> str:

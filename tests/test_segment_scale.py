@@ -1,0 +1,128 @@
+"""Scale and stain handling of white-cell segmentation: datasets resampled to the model's cell size, predictions at
+another scale returned at the input's size and in place, the assumed scale said, Reinhard colour matching."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import ocula
+from ocula.data.segmentation import load_mask_folder
+from ocula.data.stain import lab_stats, reinhard, reinhard_target
+from ocula.modelfile import ModelInfo, save_model
+from ocula.models import build
+from ocula.tasks import segment_train
+from ocula.tasks.segment import segmentation_scores
+
+from test_segment_train import _DarkIsForeground
+
+
+def disc_image(h, w, cy, cx, r):
+    yy, xx = np.mgrid[:h, :w]
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    image = np.full((h, w, 3), 215, np.uint8)
+    image[inside] = (125, 45, 150)
+    return image, inside.astype(np.uint8)
+
+
+class _SeesSizes(_DarkIsForeground):
+    """Dark is foreground, and every input size the network is given is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.7])
+def test_a_mask_predicted_at_another_scale_comes_back_at_the_input_size_and_in_place(scale):
+    image, truth = disc_image(70, 90, 30, 50, 14)
+    model = _SeesSizes()
+    labels = segment_train.predict_labels(model, image, tile=256, scale=scale)
+    assert model.sizes == [(round(70 * scale), round(90 * scale))]  # the network saw the resampled image
+    assert labels.shape == (70, 90)
+    assert segmentation_scores(labels, truth)["dice"] > 0.95  # and the mask lands where the cell is
+    probs = segment_train.predict_probs(model, image, tile=256, scale=scale, flips=True)
+    assert probs.shape == (1, 70, 90) and len(model.sizes) == 1 + 4  # four flipped passes, averaged
+
+
+def test_small_objects_are_dropped_at_the_models_scale():
+    image, _ = disc_image(80, 80, 40, 40, 5)  # 81 px here, 324 px once doubled to the model's scale
+    assert segment_train.predict_labels(_DarkIsForeground(), image, tile=128, min_area=200, scale=2.0).any()
+    assert not segment_train.predict_labels(_DarkIsForeground(), image, tile=128, min_area=200).any()
+
+
+def write_discs(root, radius, n=4):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image, mask = disc_image(60, 60, 30, 30, radius)
+        mask[0, :10] = 1  # a sliver cut by the border: not a whole cell, not measured
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / f"{i}.png")
+    return load_mask_folder(root)
+
+
+def test_datasets_are_resampled_from_their_measured_cell_size(tmp_path):
+    small, large = write_discs(tmp_path / "small", 8), write_discs(tmp_path / "large", 16)
+    d_small, d_large = (segment_train.cell_diameter(segment_train.decode(d)) for d in (small, large))
+    assert d_small == pytest.approx(16, abs=0.5) and d_large == pytest.approx(32, abs=0.5)  # the sliver left out
+    pairs, native = segment_train.prepare([small, large], cell_diameter_px=24)
+    assert native == pytest.approx((d_small + d_large) / 2)
+    sides = [round(60 * 24 / d_small)] * 4 + [round(60 * 24 / d_large)] * 4
+    assert [p[0].shape[:2] for p in pairs] == [(n, n) for n in sides] and [p[1].shape for p in pairs] == [
+        (n, n) for n in sides]
+    assert segment_train.cell_diameter(pairs) == pytest.approx(24, abs=1.5)
+    unchanged, none = segment_train.prepare(small, cell_diameter_px=None)
+    assert none is None and unchanged[0][0].shape == (60, 60, 3)
+
+
+def test_multiclass_and_binary_data_train_together_as_whole_cells(tmp_path):
+    binary = write_discs(tmp_path / "b", 8)
+    three = write_discs(tmp_path / "t", 8)
+    three.classes = ("background", "cytoplasm", "nucleus")
+    with pytest.raises(ocula.OculaError, match="need the same classes"):
+        segment_train.prepare([binary, three], cell_diameter_px=None)
+    pairs, _ = segment_train.prepare([binary, three], cell_diameter_px=None, binary=True)
+    assert pairs.classes == ("background", "foreground") and len(pairs) == 8  # the first dataset's names
+
+
+def scaled_model_file(path):
+    """An untrained tiny model that works at 64 px cells and was trained on images with 32 px cells."""
+    args = {"widths": [4, 8], "num_classes": 1, "mean": [0.8, 0.7, 0.8], "std": [0.1, 0.15, 0.1], "norm": "batch",
+            "residual": True}
+    torch.manual_seed(0)
+    model = build("normalized-unet", **args).eval()
+    pre = {"channels": 3, "value_max": 255.0, "input_size": [32, 32], "tile": 64, "overlap": 0.25,
+           "threshold": 0.5, "output": "binary", "cell_diameter": 64, "training_cell_diameter": 32.0,
+           "stain": None, "flips": False}
+    save_model(path, model, ModelInfo("segment", "normalized-unet", args, ["background", "wbc"], pre))
+    return path
+
+
+def test_predict_says_which_scale_it_assumed(tmp_path):
+    model = ocula.load(scaled_model_file(tmp_path / "m.ocula"), device="cpu")
+    image, _ = disc_image(50, 70, 25, 35, 10)
+    assumed = model.predict(image)[0]
+    assert assumed.mask.shape == (50, 70)
+    assert "scale unknown, assumed white cells 32 px across" in assumed.describe()
+    assert assumed.to_json()["cell_diameter_px"] == 32 and assumed.to_json()["scale_assumed"] is True
+    given = model.predict(image, cell_diameter=20)[0]
+    assert given.mask.shape == (50, 70) and "assumed" not in given.describe()
+    assert given.to_json()["cell_diameter_px"] == 20 and given.to_json()["scale_assumed"] is False
+    with pytest.raises(ocula.OculaError, match="cell diameter must be positive"):
+        model.predict(image, cell_diameter=0)
+
+
+def test_reinhard_moves_colour_statistics_to_the_target():
+    rng = np.random.default_rng(0)
+    purple = (rng.normal((150, 90, 170), 20, (40, 40, 3))).clip(0, 255).astype(np.uint8)
+    yellow = (rng.normal((230, 215, 140), 15, (40, 40, 3))).clip(0, 255).astype(np.uint8)
+    target = reinhard_target([purple])
+    moved = reinhard(yellow, target)
+    assert moved.dtype == np.uint8 and moved.shape == yellow.shape
+    np.testing.assert_allclose(lab_stats(moved), lab_stats(purple), atol=2.5)
