@@ -126,3 +126,16 @@ def test_reinhard_moves_colour_statistics_to_the_target():
     moved = reinhard(yellow, target)
     assert moved.dtype == np.uint8 and moved.shape == yellow.shape
     np.testing.assert_allclose(lab_stats(moved), lab_stats(purple), atol=2.5)
+
+
+def test_stain_tint_casts_one_colour_over_the_image_and_leaves_the_mask():
+    from ocula.data.paired_transforms import StainJitter
+
+    white = np.full((8, 8, 3), 250, np.uint8)
+    mask = np.eye(8, dtype=np.uint8)
+    same, _ = StainJitter(sigma=0.0, bias=0.0, tint=0.0, p=1.0)(white, mask, np.random.default_rng(0))
+    np.testing.assert_array_equal(same, white)  # no jitter, no change: the round trip is exact
+    cast, kept = StainJitter(sigma=0.0, bias=0.0, tint=0.5, p=1.0)(white, mask, np.random.default_rng(0))
+    assert kept is mask
+    colour = cast.reshape(-1, 3)
+    assert (colour == colour[0]).all() and np.ptp(colour[0].astype(int)) > 20  # a uniform, visible cast

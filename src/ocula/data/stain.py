@@ -7,6 +7,8 @@ training images' statistics and is recorded in the model file, so prediction nor
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from skimage.color import lab2rgb, rgb2lab
 
@@ -29,4 +31,7 @@ def reinhard(image: np.ndarray, target: dict) -> np.ndarray:
     mean, std = lab_stats(image)
     lab = (lab - mean) / np.maximum(std, 1e-3) * np.asarray(target["std"]) + np.asarray(target["mean"])
     lab[..., 0] = np.clip(lab[..., 0], 0, 100)
-    return np.clip(lab2rgb(lab) * 255 + 0.5, 0, 255).astype(np.uint8)
+    with warnings.catch_warnings():  # colours outside sRGB are clipped, as intended, without a warning per image
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = lab2rgb(lab)
+    return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
