@@ -93,14 +93,14 @@ class ThreeWayDecisions:
             if level > 1:
                 dist = dist + _partial_distances(g, q, rows, refs, b[level - 1], b[level])
                 terms += np.bincount(rows, minlength=n) * (b[level] - b[level - 1])
-                keep = dist <= self.delta * _query_min(dist, rows)
+                keep = dist <= self.delta * _query_min(dist, _starts(rows))
                 rows, refs, dist = rows[keep], refs[keep], dist[keep]
-            start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each open query's first pair
+            start = _starts(rows)  # each open query's first pair
             lab = labels[refs]
             done = np.minimum.reduceat(lab, start) == np.maximum.reduceat(lab, start)  # one class left
             if level == len(b) - 1:
                 done[:] = True
-            nearest = np.flatnonzero(dist == _query_min(dist, rows))  # first nearest pair of each query, on ties
+            nearest = np.flatnonzero(dist == _query_min(dist, start))  # first nearest pair of each query, on ties
             nearest = nearest[np.unique(rows[nearest], return_index=True)[1]]
             decided = rows[start[done]]
             out[decided], levels[decided] = lab[nearest][done], level
@@ -146,7 +146,11 @@ def _partial_distances(g, q, rows, refs, lo, hi) -> np.ndarray:
     return out
 
 
-def _query_min(dist: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Each pair's query's smallest distance (rows are sorted by query)."""
-    start = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    return np.repeat(np.minimum.reduceat(dist, start), np.diff(np.r_[start, len(rows)]))
+def _starts(rows: np.ndarray) -> np.ndarray:
+    """Where each query's run of pairs begins (rows are sorted by query)."""
+    return np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+
+
+def _query_min(dist: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Each pair's query's smallest distance, the queries' runs beginning at `start`."""
+    return np.repeat(np.minimum.reduceat(dist, start), np.diff(np.r_[start, len(dist)]))
