@@ -131,7 +131,7 @@ def test_a_recogniser_exports_to_onnx_with_parity(trained, tmp_path, rule):
     data, model_path = trained
     embed_data(model_path, str(data), tmp_path / "g.ocula", device="cpu", rule=rule)
     model = ocula.load(tmp_path / "g.ocula", device="cpu")
-    assert "ONNX Runtime vs torch" in model.export("onnx", tmp_path / "g.onnx")
+    model.export("onnx", tmp_path / "g.onnx")  # checked below on real images, not only on the export's random input
     test = load_image_folder(data, "test")
     x = torch.from_numpy(np.stack([prepare(im, model.info.preprocess, "test")[0] for im in test.images]))
     t = torch.linspace(0, 1, 201)[:, None, None, None]
