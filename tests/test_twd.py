@@ -37,6 +37,20 @@ def test_granules_save_work_and_keep_the_decisions(data):
     assert out.levels.max() > 1  # some queries needed finer granules
 
 
+def test_first_granule_bounds_hold_where_rounding_is_worst():
+    """The fast first granule only filters: its bounds must stay below every exact value, also for large norms and
+    near-ties, or a true neighbour could be lost."""
+    rng = np.random.default_rng(2)
+    g = (rng.normal(size=(3000, 16)) * 50 + 400).astype(np.float32)  # far from the mean: large norms
+    q = np.concatenate([g[:20] + rng.normal(size=(20, 16)).astype(np.float32) * 1e-3, g[20:40] * 1.1])
+    twd = ThreeWayDecisions(m=16).fit(g, np.arange(3000) % 7)
+    gp, qp = twd.gallery_.astype(np.float64), twd.pca_(q).astype(np.float64)
+    exact = (gp * gp).sum(1) - 2 * qp @ gp.T
+    lower = twd._lower_bounds(twd.pca_(q))
+    assert (lower <= exact + 1e-6 * np.abs(exact).max()).all()
+    assert np.abs(lower - exact).max() < 0.05 * np.abs(exact).max()  # tight enough to filter
+
+
 def test_a_smaller_delta_prunes_more(data):
     g, y, q, _, _ = data
     loose, tight = (ThreeWayDecisions(m=8, delta=d).fit(g, y).predict(q).terms.mean() for d in (3.0, 1.1))
