@@ -64,13 +64,16 @@ def cmd_data_convert(args):
 
 
 # --- train / evaluate / export / predict: thin dispatches over ocula.api ---------------------------------------
-TRAIN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "label_smoothing",
-                  "early_stopping", "seed", "threads", "device", "bf16", "channels_last", "compile", "sync_bn",
-                  # the tasks' own options (ocula.tasks.<task>.OPTIONS)
-                  "val_fraction", "widths", "width_mult", "fold", "crop", "crops_per_epoch", "minutes",
-                  "steps_per_epoch", "weights", "input_size", "embedder", "k", "labels_per_class", "encoder",
-                  "code_size", "penalty", "sparsity", "rho", "noise", "noise_level", "likelihood", "kl_warmup",
-                  "binarize", "iw_samples", "feature_model", "cell_diameter", "stain", "flips")
+def _train_settings(args) -> dict:
+    """The trainer's settings (TrainConfig) and every task's own options (ocula.tasks.<task>.OPTIONS) that were
+    given on the command line; a new task option needs only its flag here, not a second list."""
+    from dataclasses import fields
+
+    from ocula.engine.trainer import TrainConfig
+    from ocula.tasks import TASKS, get_task
+
+    names = {f.name for f in fields(TrainConfig)}.union(*(get_task(t).OPTIONS for t in TASKS))
+    return {k: getattr(args, k) for k in sorted(names) if getattr(args, k, None) is not None}
 
 
 def _mask_policy(args) -> None:
@@ -87,7 +90,7 @@ def cmd_train(args):
     _mask_policy(args)
     if not (args.dataset or args.config):
         raise OculaError("name a dataset or folder to train on, or pass --config runs/.../config.json")
-    settings = {k: getattr(args, k) for k in TRAIN_SETTINGS if getattr(args, k) is not None}
+    settings = _train_settings(args)
     model = ocula.train(args.dataset, args.model, config=args.config, name=args.name, runs_dir=args.runs_dir,
                         resume=args.resume, overwrite=args.overwrite, data_dir=args.data_dir,
                         progress=not args.quiet, **settings)
