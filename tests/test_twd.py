@@ -45,8 +45,8 @@ def test_first_granule_bounds_hold_where_rounding_is_worst():
     q = np.concatenate([g[:20] + rng.normal(size=(20, 16)).astype(np.float32) * 1e-3, g[20:40] * 1.1])
     twd = ThreeWayDecisions(m=16).fit(g, np.arange(3000) % 7)
     gp, qp = twd.gallery_.astype(np.float64), twd.pca_(q).astype(np.float64)
-    exact = (gp * gp).sum(1) - 2 * qp @ gp.T
-    lower = twd._lower_bounds(twd.pca_(q))
+    exact = (gp * gp).sum(1) - 2 * qp @ gp.T  # the squared distance minus |q|^2
+    lower = -2 * twd._upper_scores(twd.pca_(q))
     assert (lower <= exact + 1e-6 * np.abs(exact).max()).all()
     assert np.abs(lower - exact).max() < 0.05 * np.abs(exact).max()  # tight enough to filter
 

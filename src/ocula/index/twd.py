@@ -28,8 +28,8 @@ from ocula.index.base import BLOCK_FLOATS, PCA, as_vectors
 CACHED_FLOATS = 2_000_000
 # The first granule measures every reference, so it is the search's cost. Where the CPU has bfloat16 dot products
 # (5x faster than float32 here) it runs in bfloat16 as a filter whose error is bounded, then re-measures the few
-# pairs it keeps exactly in float32, so the decisions are those of float32. SLACK bounds the error of q.g relative
-# to |q| |g|: bfloat16 rounds inputs and output to 8 bits (1.5 * 2^-8 at most, here with room to spare).
+# pairs it keeps exactly in float32, so the decisions are those of float32. SLACK covers the rounding: bfloat16
+# keeps 8 bits of inputs and output, an error below 1.5 * 2^-8 |q||g| + 2^-9 |g|^2 (SLACK leaves room to spare).
 FAST_DTYPE = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 SLACK = {torch.bfloat16: 2.0 ** -6, torch.float32: 2.0 ** -18}[FAST_DTYPE]
 
@@ -67,8 +67,8 @@ class ThreeWayDecisions:
         d = self.gallery_.shape[1]
         self.bounds_ = list(range(0, d, self.m)) + [d]
         first = torch.from_numpy(np.ascontiguousarray(self.gallery_[:, :self.bounds_[1]]))
-        self.norms_ = (first * first).sum(1)
-        self.first_ = torch.cat([first, self.norms_.sqrt()[:, None]], 1).to(FAST_DTYPE)
+        norms = (first * first).sum(1)[:, None]
+        self.first_ = torch.cat([first, norms.sqrt(), (1 - SLACK) * norms], 1).to(FAST_DTYPE)
         return self
 
     @property
@@ -82,12 +82,13 @@ class ThreeWayDecisions:
         parts = [decide(q[i:i + block]) for i in range(0, len(q), block)]
         return Decisions(*(np.concatenate(v) for v in zip(*parts)))
 
-    def _lower_bounds(self, q: np.ndarray) -> np.ndarray:
-        """[queries, references] lower bounds of |g|^2 - 2 q.g over the first granule, from one matmul in FAST_DTYPE:
-        the extra column adds SLACK * |q| |g| to q.g, which covers that dtype's rounding."""
+    def _upper_scores(self, q: np.ndarray) -> np.ndarray:
+        """[queries, references] upper bounds of q.g - |g|^2 / 2 over the first granule (so that |q|^2 - 2 * score
+        is a lower bound of the squared distance), from one matmul in FAST_DTYPE: the extra columns add
+        SLACK * (|q| |g| + |g|^2 / 2), which covers that dtype's rounding."""
         qm = torch.from_numpy(np.ascontiguousarray(q[:, :self.bounds_[1]]))
-        qm = torch.cat([qm, SLACK * qm.norm(dim=1, keepdim=True)], 1).to(FAST_DTYPE)
-        return torch.sub(self.norms_, torch.mm(qm, self.first_.T).float(), alpha=2).numpy()
+        qm = torch.cat([qm, SLACK * qm.norm(dim=1, keepdim=True), torch.full((len(qm), 1), -0.5)], 1)
+        return torch.mm(qm.to(FAST_DTYPE), self.first_.T).float().numpy()
 
     def _twd(self, q: np.ndarray):
         """Every query of the block at once. After the first granule the survivors are a flat list of (query,
@@ -99,9 +100,10 @@ class ThreeWayDecisions:
         # First granule: a reference can survive only if its lower bound is within delta of an upper bound of the
         # best distance (the exact distance of the reference with the lowest bound). Those candidates are measured
         # exactly and pruned with the exact rule. flatnonzero + divmod is 10x faster than a 2-D np.nonzero.
-        lower, qq = self._lower_bounds(q), np.einsum("ij,ij->i", q[:, :b[1]], q[:, :b[1]])
-        upper = _partial_distances(g, q, np.arange(n), lower.argmin(1), 0, b[1])
-        rows, refs = np.divmod(np.flatnonzero(lower <= (self.delta * upper - qq)[:, None]), lower.shape[1])
+        scores, qq = self._upper_scores(q), np.einsum("ij,ij->i", q[:, :b[1]], q[:, :b[1]])
+        upper = _partial_distances(g, q, np.arange(n), scores.argmax(1), 0, b[1])
+        # qq - 2 * score <= delta * upper, solved for the score so that the [queries, references] block is read once
+        rows, refs = np.divmod(np.flatnonzero(scores >= ((qq - self.delta * upper) / 2)[:, None]), scores.shape[1])
         dist = _partial_distances(g, q, rows, refs, 0, b[1])
         keep = dist <= self.delta * _query_min(dist, _starts(rows))
         rows, refs, dist = rows[keep], refs[keep], dist[keep]
