@@ -178,7 +178,31 @@ def test_a_nan_ends_gan_training_with_one_line(tmp_path):
     info = represent.model_info(data, arch, args, "dcgan", kind, opts, "blobs")
     config = represent.default_config("dcgan", epochs=1, batch_size=16, device="cpu")
     with pytest.raises(OculaError, match="GAN loss became"):
-        represent.train_gan(model, info, data, config, run_dir=tmp_path, progress=False)
+        represent.train_gan(model, info, data, None, config, run_dir=tmp_path, progress=False)
+
+
+def test_gan_keeps_the_epoch_whose_samples_lie_nearest_validation(tmp_path, monkeypatch):
+    states, scores = [], iter([5.0, 1.0, 3.0, 4.0])  # epoch 2's samples are the nearest
+
+    def sample(model, n, **kw):  # the per-epoch sampling, which sees each epoch's weights
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_sample(model, n, **kw)
+
+    real_sample = represent.sample
+    monkeypatch.setattr(represent, "sample", sample)
+    monkeypatch.setattr(represent, "classifier_features", lambda path, images, device: (images, None))
+    monkeypatch.setattr(represent, "frechet_distance", lambda a, b: next(scores))
+    train, val = blobs(48), blobs(40, seed=1)
+    arch, args, kind, opts = represent.settings("dcgan", train, dict(represent.OPTIONS, feature_model="f"), "blobs")
+    model = build(arch, **args)
+    info = represent.model_info(train, arch, args, "dcgan", kind, opts, "blobs")
+    config = represent.default_config("dcgan", epochs=4, batch_size=16, device="cpu")
+    model, history = represent.train_gan(model, info, train, val, config, run_dir=tmp_path, progress=False)
+    assert [h["val_frechet"] for h in history] == [5.0, 1.0, 3.0, 4.0] and len(states) == 4
+    assert info.metrics["val_frechet"] == 1.0 and info.metrics["val_best_epoch"] == 2
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], states[1][k]) for k in kept)
+    assert not all(torch.equal(kept[k], states[3][k]) for k in kept)
 
 
 # --- end to end: a trained file through the Python API and the CLI ------------------------------------------------

@@ -62,6 +62,7 @@ PENALTY = {"sparse": {"l1": 0.01, "kl": 0.1}, "contractive": 0.1, "elbo": 1.0}
 NOISES = ("gaussian", "masking", "salt-pepper")
 IW_IMAGES = 1000  # test images the importance-weighted NLL averages over (5000 decoder passes each)
 BINARIZE_SEED = 0  # the test set's one dynamic binarization, so every evaluation sees the same bits
+VAL_FRECHET_N = 2000  # samples and validation images behind a GAN's per-epoch Frechet distance
 
 
 # --- losses ----------------------------------------------------------------------------------------------------
@@ -222,9 +223,13 @@ def mean_losses(model, x: torch.Tensor, kind: str, opts: dict, batch_size: int =
     return {k: v / len(x) for k, v in sums.items()}
 
 
-def train_gan(model, info: ModelInfo, train: ImageSet, config: TrainConfig, *, run_dir: Path, progress: bool):
+def train_gan(model, info: ModelInfo, train: ImageSet, val: ImageSet | None, config: TrainConfig, *,
+              run_dir: Path, progress: bool):
     """DCGAN's two-player loop: Adam (beta1 0.5) for each network, the non-saturating generator loss, one-sided
-    label smoothing (real = 0.9) against an overconfident discriminator. A non-finite loss ends the run."""
+    label smoothing (real = 0.9) against an overconfident discriminator. A non-finite loss ends the run. With a
+    feature model and a validation set, the epoch whose samples lie nearest the validation images (Frechet
+    distance) is kept: a GAN's losses say nothing of its samples, and later epochs can get worse."""
+    import copy
     from types import SimpleNamespace
 
     from ocula.engine.callbacks import CSVLogger
@@ -234,8 +239,13 @@ def train_gan(model, info: ModelInfo, train: ImageSet, config: TrainConfig, *, r
     batches = ArrayBatches(to_tensor(train.images), torch.from_numpy(train.labels), config.batch_size,
                            drop_last=len(train) > config.batch_size)
     history, log = [], CSVLogger(run_dir / "metrics.csv")
+    feature_model = info.extra.get("feature_model")
+    best, best_state = float("inf"), None
     with runtime(seed=config.seed, threads=config.threads, device=device):
         model.to(device).train()
+        if feature_model and val is not None:
+            n_val = min(len(val), VAL_FRECHET_N)
+            val_f, _ = classifier_features(feature_model, val.images[:n_val], device)
         adam = dict(lr=config.lr, betas=(0.5, 0.999))
         opt_g = torch.optim.Adam(model.generator.parameters(), **adam)
         opt_d = torch.optim.Adam(model.discriminator.parameters(), **adam)
@@ -265,10 +275,21 @@ def train_gan(model, info: ModelInfo, train: ImageSet, config: TrainConfig, *, r
             seconds = time.perf_counter() - start
             history.append({"epoch": epoch + 1, "loss_d": sums[0] / n, "loss_g": sums[1] / n,
                             "train_seconds": seconds, "images_per_second": n / seconds})
+            if feature_model and val is not None:
+                fake_f, _ = classifier_features(feature_model, sample(model, n_val, seed=1), device)
+                history[-1]["val_frechet"] = frechet_distance(fake_f, val_f)
+                if history[-1]["val_frechet"] < best:
+                    best, best_state = history[-1]["val_frechet"], copy.deepcopy(model.state_dict())
+                model.train()
             log.on_epoch_end(SimpleNamespace(history=history), history[-1])
             if progress:
                 print(f"epoch {epoch + 1}/{config.epochs}: discriminator {sums[0] / n:.4f}, generator "
-                      f"{sums[1] / n:.4f}, {n / seconds:.0f} images/s", flush=True)
+                      f"{sums[1] / n:.4f}, {n / seconds:.0f} images/s"
+                      + (f", val Frechet {history[-1]['val_frechet']:.2f}" if best_state else ""), flush=True)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        info.metrics["val_frechet"] = best
+        info.metrics["val_best_epoch"] = min(history, key=lambda h: h["val_frechet"])["epoch"]
     return model.eval(), history
 
 
@@ -549,7 +570,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
         if resume:
             raise OculaError("a dcgan run cannot resume (its two-optimizer loop keeps no checkpoint); start anew",
                              run_dir)
-        model, history = train_gan(model, info, fit_set, config, run_dir=run_dir, progress=progress)
+        model, history = train_gan(model, info, fit_set, val_set, config, run_dir=run_dir, progress=progress)
     else:
         model, history = fit_autoencoder(model, info, fit_set, val_set, config, run_dir=run_dir, resume=resume,
                                          progress=progress)
