@@ -148,6 +148,46 @@ def settings_of(model_path: Path, model) -> tuple[str, str]:
     return minutes, text
 
 
+# Faster R-CNN recipes compared on val in short equal-time trials (the test split is never read): the preset, and
+# the ResNet-18 + FPN / GroupNorm / float32 recipe it replaced.
+TRIALS = {
+    "csp-pan (preset)": (detect.PRESETS["faster-rcnn"]["args"], detect.PRESETS["faster-rcnn"]["train"], None),
+    "resnet18-fpn-gn (before)": (dict(backbone="resnet18", norm_layer="group", fpn_width=128,
+                                      **detect.RCNN_PROPOSALS),
+                                 dict(batch_size=4, lr=1e-3, weight_decay=0.05, bf16=False, channels_last=False), 50),
+}
+
+
+def run_trial(name: str, minutes: float, run_dir: str) -> list:
+    """Train recipe `name` for `minutes` on one thread; its best epoch's val figures and its settings."""
+    args, train, steps = TRIALS[name]
+    train_set, val_set = (registry.load("bccd", split) for split in ("train", "val"))
+    config = detect.default_config("faster-rcnn", **train, threads=1)
+    steps = steps or detect.PRESETS["faster-rcnn"]["steps_per_epoch"]
+    _, history = detect.fit("faster-rcnn", train_set, val_set, config, run_dir=Path(run_dir), minutes=minutes,
+                            steps_per_epoch=steps, progress=False, arch_args=args, dataset="bccd",
+                            **detect.DATASETS["bccd"])
+    best = max(history, key=lambda h: h["val_map50"])
+    return [name, f"{best['val_map50']:.3f}", f"{best['val_map']:.3f}", f"{best['epoch']} of {len(history)}",
+            f"{len(history) * steps} x {config.batch_size}",
+            f"{statistics.median(h['images_per_second'] for h in history):.1f}", f"{args} {train}"]
+
+
+def trials(minutes: float, runs_dir: str) -> None:
+    """Every TRIALS recipe at once, one process and one thread each (the machine's 2 cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(len(TRIALS), mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(run_trial, name, minutes, f"{runs_dir}/detect/trial-{i}") for i, name in enumerate(TRIALS)]
+        rows = [job.result() for job in jobs]
+    header = ["Faster R-CNN recipe", "val mAP@.5", "val mAP@[.5:.95]", "best epoch", "steps x batch",
+              "train images/s", "settings"]
+    record("BCCD Faster R-CNN recipe trials (val)",
+           markdown_table(header, rows) + f"\n\n{minutes:g}-minute wall-clock budgets run side by side, one thread "
+           "each; BCCD val split (the test split is not read); best EMA epoch by val mAP@.5.")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", default=[], help="trained detector file (repeatable)")
@@ -155,7 +195,11 @@ def main():
     ap.add_argument("--minutes", type=float, default=40.0, help="training budget for --train")
     ap.add_argument("--threads", type=int, default=2, help="training threads for --train")
     ap.add_argument("--runs-dir", default="runs", help="--train writes RUNS_DIR/detect/bench-MODEL")
+    ap.add_argument("--section", choices=("trials", "test"), default="test",
+                    help="trials: Faster R-CNN recipes on val; test: the detectors on the test split")
     args = ap.parse_args()
+    if args.section == "trials":
+        return trials(args.minutes, args.runs_dir)
     paths = [Path(p) for p in args.model]
     for name in args.train:
         trained = ocula.train("bccd", name, runs_dir=args.runs_dir, name=f"bench-{name}", overwrite=True,
