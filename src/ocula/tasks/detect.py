@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def detect_tensor(model, x: torch.Tensor, *, score_thresh: float = 0.05, nms_thr
         boxes, scores = model(x)
         dets = postprocess(boxes.float(), scores.float(), score_thresh=score_thresh,
                            nms_thresh=nms_threshold(model) if nms_thresh is None else nms_thresh)
+    elif hasattr(model, "session"):  # RCNNGraph in ONNX Runtime: one image a run, its thresholds baked in
+        dets = []
+        for image in x:
+            boxes, scores, labels = model(image[None])
+            keep = scores > score_thresh  # as RoIHeads keeps them
+            dets.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     else:
         model.roi_heads.score_thresh = score_thresh
         info = getattr(model, "info", None)
@@ -535,20 +542,30 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------
 def export(model, fmt: str, path: Path) -> str:
-    """FCOS with its decoding in the graph: input 'image' float [N, 3, H, W] 0..255 (H, W multiples of 32,
-    dynamic), outputs 'boxes' [N, P, 4] and 'scores' [N, P, C]; class-wise NMS runs after ONNX Runtime
-    (ocula's batched NMS), exactly as after torch. The check compares both outputs and the final detections."""
-    from ocula.export.onnx import check_parity, export_onnx, onnx_session, run_onnx
-    from ocula.models.detection.fcos import postprocess
+    """ONNX with the model file's info in its metadata (`ocula.load` reads it). FCOS: input 'image' float
+    [N, 3, H, W] 0..255 (H, W multiples of 32, dynamic), outputs 'boxes' [N, P, 4] and 'scores' [N, P, C], decoding
+    in the graph and class-wise NMS after ONNX Runtime, as after torch. Faster R-CNN: the whole detector, NMS
+    included (`RCNNGraph`): input 'image' [1, 3, H, W] at the model's input size, outputs 'boxes' [D, 4], 'scores'
+    [D], 'labels' [D] above the evaluation threshold 0.05. The check compares torch's and ORT's detections."""
+    from ocula.export.onnx import write_info
 
     if fmt != "onnx":
         raise OculaError(f"detection models export to ONNX only, not {fmt}")
-    if not is_fcos(model):
-        raise OculaError(f"ONNX export supports the fcos detector; {model.info.arch} keeps data-dependent proposal "
-                         "and NMS loops that are not exported")
-    out = export_onnx(model, path, outputs=("boxes", "scores"), dynamic_hw=True)
     h, w = model.info.preprocess["input_size"]
     x = torch.rand(1, 3, h, w) * 255
+    if is_fcos(model):
+        out, note = _export_fcos(model, path, x)
+    else:
+        out, note = _export_rcnn(model, path, x)
+    write_info(out, model.info)
+    return f"{out} (ONNX Runtime vs torch: {note})"
+
+
+def _export_fcos(model, path: Path, x: torch.Tensor) -> tuple[Path, str]:
+    from ocula.export.onnx import check_parity, export_onnx, onnx_session, run_onnx
+    from ocula.models.detection.fcos import postprocess
+
+    out = export_onnx(model, path, outputs=("boxes", "scores"), dynamic_hw=True)
     diff = check_parity(model, out, x)
     settings = dict(score_thresh=0.3, nms_thresh=nms_threshold(model))
     with torch.no_grad():
@@ -557,4 +574,35 @@ def export(model, fmt: str, path: Path) -> str:
     for a, b in zip(ref, got):  # as sets: near-equal scores may list the same detections in another order
         if sorted(a["labels"].tolist()) != sorted(b["labels"].tolist()):
             raise OculaError("ONNX Runtime detections differ from torch", out)
-    return f"{out} (ONNX Runtime vs torch: same detections, outputs within {diff:.2e}; NMS runs after ORT)"
+    return out, f"same detections, outputs within {diff:.2e}; NMS runs after ORT"
+
+
+def _export_rcnn(model, path: Path, x: torch.Tensor) -> tuple[Path, str]:
+    from ocula.export.onnx import export_onnx, onnx_session, run_onnx
+    from ocula.models.detection.rcnn_graph import RCNNGraph
+
+    detect_tensor(model, x, score_thresh=0.05)  # sets the thresholds the graph bakes in
+    graph = RCNNGraph(model, tuple(x.shape[-2:]))
+    with warnings.catch_warnings():  # the tracer says sizes become constants: the graph is for this input size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        out = export_onnx(graph, path, outputs=("boxes", "scores", "labels"), example=x, input_name="image",
+                          axes={name: {0: "detections"} for name in ("boxes", "scores", "labels")})
+    with torch.no_grad():
+        ref = graph(x)
+    got = [torch.from_numpy(a) for a in run_onnx(onnx_session(out), x)]
+    gap = detection_gap(dict(zip(("boxes", "scores", "labels"), ref)),
+                        dict(zip(("boxes", "scores", "labels"), got)), min_score=0.3)
+    if gap is None:
+        raise OculaError("ONNX Runtime detections differ from torch", out)
+    return out, f"same detections above 0.3, boxes within {gap:.2e} px; NMS in the graph"
+
+
+def detection_gap(a: dict, b: dict, *, min_score: float) -> float | None:
+    """Largest box difference (px) between two detection sets above `min_score`, compared as sets (near-equal
+    scores may come in another order); None when they hold different labels."""
+    a, b = ({k: np.asarray(d[k])[np.asarray(d["scores"]) >= min_score] for k in ("boxes", "scores", "labels")}
+            for d in (a, b))
+    ia, ib = np.lexsort((*a["boxes"].T, a["labels"])), np.lexsort((*b["boxes"].T, b["labels"]))
+    if not np.array_equal(a["labels"][ia], b["labels"][ib]):
+        return None
+    return float(np.abs(a["boxes"][ia] - b["boxes"][ib]).max(initial=0.0))
