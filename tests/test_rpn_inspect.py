@@ -101,3 +101,8 @@ def test_inspect_rpn_draws_and_reports(model, image, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["inspect", "rpn", str(tmp_path / "rcnn.ocula")])
     assert done.value.code == 1 and "MODEL IMAGE" in capsys.readouterr().err
+    detect.export(model, "onnx", tmp_path / "rcnn.onnx")
+    with pytest.raises(SystemExit) as done:
+        main(["inspect", "rpn", str(tmp_path / "rcnn.onnx"), str(tmp_path / "smear.png")])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1 and "rcnn.onnx: not a Faster R-CNN in torch" in err

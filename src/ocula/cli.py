@@ -206,6 +206,8 @@ def _inspect_rpn(args):
     if len(args.inputs) != 2:
         raise OculaError("inspect rpn takes a Faster R-CNN model file and an image: ocula inspect rpn MODEL IMAGE")
     model = ocula.load(args.inputs[0], device="cpu")
+    if not hasattr(model.module, "rpn"):
+        raise OculaError("not a Faster R-CNN in torch: inspect rpn takes a faster-rcnn .ocula file", args.inputs[0])
     image_path = Path(args.inputs[1])
     image = read_image(image_path)
     boxes = boxes_for(image_path, Path(args.boxes) if args.boxes else None)

@@ -588,13 +588,17 @@ def _export_rcnn(model, path: Path, x: torch.Tensor) -> tuple[Path, str]:
         out = export_onnx(graph, path, outputs=("boxes", "scores", "labels"), example=x, input_name="image",
                           axes={name: {0: "detections"} for name in ("boxes", "scores", "labels")})
     with torch.no_grad():
-        ref = graph(x)
-    got = [torch.from_numpy(a) for a in run_onnx(onnx_session(out), x)]
-    gap = detection_gap(dict(zip(("boxes", "scores", "labels"), ref)),
-                        dict(zip(("boxes", "scores", "labels"), got)), min_score=0.3)
+        ref = dict(zip(("boxes", "scores", "labels"), graph(x)))
+    got = dict(zip(ref, (torch.from_numpy(a) for a in run_onnx(onnx_session(out), x))))
+    found = ref["scores"][ref["scores"] >= 0.3]
+    if len(found) > 1 and found.max() - found.min() < 0.01:
+        # An untrained head scores every RoI alike, and which of tied detections NMS keeps is arbitrary.
+        return out, f"{len(found)} detections tied at score {float(found.max()):.3f}, not compared; NMS in the graph"
+    gap = detection_gap(ref, got, min_score=0.3)
     if gap is None:
         raise OculaError("ONNX Runtime detections differ from torch", out)
-    return out, f"same detections above 0.3, boxes within {gap:.2e} px; NMS in the graph"
+    return out, (f"the same {len(found)} detections above 0.3 on a random image, boxes within {gap:.2e} px; "
+                 "NMS in the graph")
 
 
 def detection_gap(a: dict, b: dict, *, min_score: float) -> float | None:
