@@ -157,8 +157,9 @@ def run_trial(name: str, minutes: float, run_dir: str) -> list:
                             steps_per_epoch=steps, progress=False, arch_args=args, dataset="bccd",
                             **detect.DATASETS["bccd"])
     best = max(history, key=lambda h: h["val_map50"])
+    seen = sum(h["images_per_second"] * h["train_seconds"] for h in history)  # the budget may cut the last epoch
     return [name, f"{best['val_map50']:.3f}", f"{best['val_map']:.3f}", f"{best['epoch']} of {len(history)}",
-            f"{len(history) * steps} x {config.batch_size}",
+            f"{round(seen / config.batch_size)} x {config.batch_size}",
             f"{statistics.median(h['images_per_second'] for h in history):.1f}", f"{args} {train}"]
 
 
@@ -170,7 +171,7 @@ def trials(minutes: float, runs_dir: str) -> None:
     with ProcessPoolExecutor(len(TRIALS), mp_context=get_context("spawn")) as pool:
         jobs = [pool.submit(run_trial, name, minutes, f"{runs_dir}/detect/trial-{i}") for i, name in enumerate(TRIALS)]
         rows = [job.result() for job in jobs]
-    header = ["Faster R-CNN recipe", "val mAP@.5", "val mAP@[.5:.95]", "best epoch", "steps x batch",
+    header = ["Faster R-CNN recipe", "val mAP@.5", "val mAP@[.5:.95]", "best epoch", "batches x batch size",
               "train images/s", "settings"]
     record("BCCD Faster R-CNN recipe trials (val)",
            markdown_table(header, rows) + f"\n\n{minutes:g}-minute wall-clock budgets run side by side, one thread "

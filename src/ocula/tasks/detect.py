@@ -35,9 +35,9 @@ from ocula.models import build
 DIVISOR = 32
 PAD_VALUE = 114.0  # grey, the fill of training crops that reach past the image
 # Per detector: architecture arguments (num_classes added), training defaults and batches between validations.
-# Faster R-CNN shares fcos's CSP backbone, PAN neck and bf16 recipe: in 5-minute val trials it reached mAP@.5 0.885
-# where ResNet-18 + FPN with GroupNorm in float32 stayed far lower (benchmarks/RESULTS.md). Anchors of 32/64/128 px
-# on strides 8/16/32 span BCCD's cells at 0.8x (platelets ~24 px, WBCs ~150 px).
+# Faster R-CNN shares fcos's CSP backbone, PAN neck and bf16 recipe: in side-by-side 5-minute val trials it reached
+# mAP@.5 0.867 where ResNet-18 + FPN with GroupNorm in float32 reached 0.428 (6x the images/s; benchmarks/RESULTS.md).
+# Anchors of 32/64/128 px on strides 8/16/32 span BCCD's cells at 0.8x (platelets ~24 px, WBCs ~150 px).
 RCNN_PROPOSALS = dict(rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
                       rpn_post_nms_top_n_test=300, box_batch_size_per_image=256, box_detections_per_img=150)
 PRESETS = {
