@@ -216,6 +216,22 @@ def test_faster_rcnn_takes_a_torchvision_backbone_checkpoint(tmp_path):
         build_detector("fcos", 3, backbone_weights=tmp_path / "resnet18.pth")
 
 
+def test_faster_rcnn_preset_trains_in_bf16_channels_last_on_the_csp_pan_features():
+    """The preset's recipe: CSP/PAN maps p3..p5, RoIAlign on bf16 maps (sampled in float32), float32 losses."""
+    from ocula.tasks.detect import build_detector
+
+    model, args = build_detector("faster-rcnn", 3)
+    assert args["backbone"] == "csp-pan" and model.featmap_names == ["p3", "p4", "p5"]
+    model = model.to(memory_format=torch.channels_last).train()
+    images = [torch.rand(3, 128, 160) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 70.0]]), "labels": torch.tensor([1])}] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.roi_heads.parameters())
+
+
 def test_greedy_match_takes_each_truth_once_in_score_order():
     overlap = np.array([[0.9, 0.6], [0.8, 0.1], [0.3, 0.55]])  # rows: detections by falling score
     assert detect.greedy_match(overlap).tolist() == [0, -1, 1]  # row 1's best truth is taken, 0.1 is too low

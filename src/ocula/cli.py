@@ -177,6 +177,10 @@ def cmd_inspect(args):
     from ocula.models.detection.receptive_field import feature_cell_box
     from ocula.models.inspect import inspect_model
 
+    if args.model == "rpn":
+        return _inspect_rpn(args)
+    if args.inputs:
+        raise OculaError(f"inspect takes one model, got also {' '.join(args.inputs)} (did you mean inspect rpn?)")
     model, size, channels = _model_to_inspect(args)
     found = inspect_model(model, size, channels)
     print(f"{'layer':34s} {'type':>17s} {'output':>16s} {'params':>11s} {'MFLOPs':>9s} {'RF':>7s} {'jump':>5s}")
@@ -191,6 +195,30 @@ def cmd_inspect(args):
         print(f"feature cell {tuple(args.cell)} of {last.name} (receptive field {_fmt(last.r)}, jump {_fmt(last.j)}, "
               f"start {_fmt(last.start)}) sees image box (x0, y0, x1, y1) = "
               f"{tuple(round(v, 1) for v in feature_cell_box(last, *args.cell))}")
+
+
+def _inspect_rpn(args):
+    """ocula inspect rpn MODEL IMAGE: the RPN's anchors, anchor labels and proposals drawn, proposal recall."""
+    import ocula
+    from ocula.data.images import read_image
+    from ocula.tasks.detect_rpn import boxes_for, draw_rpn, proposal_recall
+
+    if len(args.inputs) != 2:
+        raise OculaError("inspect rpn takes a Faster R-CNN model file and an image: ocula inspect rpn MODEL IMAGE")
+    model = ocula.load(args.inputs[0], device="cpu")
+    if not hasattr(model.module, "rpn"):
+        raise OculaError("not a Faster R-CNN in torch: inspect rpn takes a faster-rcnn .ocula file", args.inputs[0])
+    image_path = Path(args.inputs[1])
+    image = read_image(image_path)
+    boxes = boxes_for(image_path, Path(args.boxes) if args.boxes else None)
+    source = "its annotation"
+    if boxes is None:  # no annotation: the model's own detections stand in for the true boxes
+        boxes, source = model.predict(image)[0].boxes, "the model's detections (no annotation found)"
+    counts = draw_rpn(model.module, image, boxes, Path(args.out))
+    print(f"{args.out}: {counts['anchors']} anchors, {counts['per_cell']} per cell; against {len(boxes)} boxes "
+          f"from {source}: {counts['positive']} positive, {counts['negative']} negative, {counts['ignored']} ignored")
+    recall = proposal_recall(model.module, [image], [{"boxes": boxes}])
+    print("proposal recall: " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
 
 
 def _model_to_inspect(args):
@@ -485,7 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     device(c)
 
     c = command("inspect", cmd_inspect, "per layer: output shape, parameters, FLOPs, receptive field and jump")
-    c.add_argument("model", help="a model file, or a backbone / architecture name (resnet18, mobilenet_v1, ...)")
+    c.add_argument("model", help="a model file, or a backbone / architecture name (resnet18, mobilenet_v1, ...), "
+                   "or rpn followed by a Faster R-CNN model file and an image")
+    c.add_argument("inputs", nargs="*", metavar="MODEL IMAGE", help="after rpn: draw the RPN's anchors of one "
+                   "cell, the anchor labels for the image's boxes and the top proposals, and give proposal recall")
+    c.add_argument("--out", default="rpn.png", help="rpn: the PNG to write")
+    c.add_argument("--boxes", help="rpn: the image's Pascal VOC annotation (default: Annotations/STEM.xml beside "
+                   "a VOC image's folder, else the model's own detections)")
     c.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an argument of the named architecture, e.g. --arg width_mult=0.5 --arg small_input=true")
     c.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),

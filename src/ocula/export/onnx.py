@@ -30,17 +30,19 @@ def _output_axes(out: torch.Tensor, dynamic_hw: bool) -> dict:
 
 
 def export_onnx(model, path: str | Path, *, outputs: tuple[str, ...] = ("scores",), dynamic_hw: bool = False,
-                opset: int = 17, example: torch.Tensor | None = None) -> Path:
+                opset: int = 17, example: torch.Tensor | None = None, input_name: str | None = None,
+                axes: dict | None = None) -> Path:
     """Export a CPU model in eval mode with the named outputs and input 'image', or with an `example` input of
-    another kind (a decoder's codes [N, d]) input 'code'."""
+    another kind (a decoder's codes [N, d]) input 'code'. `axes` replaces the dynamic axes read from the outputs."""
     model.eval()
     x = example_input(model) if example is None else example
-    name = "image" if example is None else "code"
-    with torch.no_grad():
-        result = model(x)
-    result = result if isinstance(result, (tuple, list)) else (result,)
-    axes = {name: {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
-    axes.update({name: _output_axes(out, dynamic_hw) for name, out in zip(outputs, result)})
+    name = input_name or ("image" if example is None else "code")
+    if axes is None:
+        with torch.no_grad():
+            result = model(x)
+        result = result if isinstance(result, (tuple, list)) else (result,)
+        axes = {name: {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
+        axes.update({name: _output_axes(out, dynamic_hw) for name, out in zip(outputs, result)})
     with atomic_path(path) as tmp:
         try:
             torch.onnx.export(model, (x,), str(tmp), input_names=[name], output_names=list(outputs),

@@ -83,8 +83,33 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     Keeps exactly what the textbook loop keeps (take the best remaining box, drop every box with IoU >
     iou_threshold to it, repeat), ties in score broken by lower index. Two exact strategies, chosen by how many
     box pairs could overlap enough: a sparse sweep when few can (typical for spread-out boxes), else score-ordered
-    blocks (cheap when a few boxes suppress many).
+    blocks (cheap when a few boxes suppress many). Traced for ONNX export, it becomes NonMaxSuppression.
     """
+    if torch.onnx.is_in_onnx_export():
+        return _NMSOp.apply(boxes, scores, float(iou_threshold))
+    return _greedy_nms(boxes, scores, iou_threshold)
+
+
+class _NMSOp(torch.autograd.Function):
+    """ocula's NMS when run, ONNX NonMaxSuppression (one batch, one class) in an exported graph."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+        return _greedy_nms(boxes, scores, iou_threshold)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        def const(value, dtype):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        zero = const([0], torch.int64)
+        selected = g.op("NonMaxSuppression", g.op("Unsqueeze", boxes, zero),  # [1, N, 4]
+                        g.op("Unsqueeze", g.op("Unsqueeze", scores, zero), zero),  # [1, 1, N]
+                        const([2 ** 62], torch.int64), const([iou_threshold], torch.float32))
+        return g.op("Gather", selected, const(2, torch.int64), axis_i=1)  # rows are (batch, class, box index)
+
+
+def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
@@ -199,7 +224,10 @@ def _nms_blocks(ranked: Tensor, thr: float, block_size: int = 512) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
     """NMS run independently per label: boxes of different labels are shifted apart so they never overlap."""
-    if boxes.numel() == 0:
+    span = boxes
+    if torch.onnx.is_in_onnx_export():  # no branch on the count in the graph, and a span that an empty set has too
+        span = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)])
+    elif boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    offsets = labels.to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+    offsets = labels.to(boxes.dtype) * (span.max() - span.min() + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)

@@ -76,14 +76,7 @@ def roi_align(input: Tensor, rois, output_size, spatial_scale: float = 1.0, samp
     out = input.new_zeros((rois.shape[0], c, ph, pw))
     if rois.shape[0] == 0:
         return out.to(dtype)
-    offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * spatial_scale - offset
-    y1 = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - x1
-    roi_h = rois[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
+    x1, y1, roi_w, roi_h = _on_map(rois[:, 1:], spatial_scale, aligned)
     bin_w = roi_w / pw
     bin_h = roi_h / ph
     if sampling_ratio > 0:
@@ -101,18 +94,51 @@ def roi_align(input: Tensor, rois, output_size, spatial_scale: float = 1.0, samp
             continue  # an empty RoI (aligned, zero size) averages no samples: output stays 0
         for lo, hi in _chunks(idx.numel(), c * ph * gh * pw * gw):
             sel = idx[lo:hi]
-            ys = _sample_axis(y1[sel], bin_h[sel], ph, gh, height)
-            xs = _sample_axis(x1[sel], bin_w[sel], pw, gw, width)
-            k = sel.numel()
-            # One grid_sample call for all these RoIs, samples laid out as (RoI, bin row, bin col, gh, gw) so
-            # each bin's samples are contiguous and the mean over them (sum / count, as torchvision) is cheap.
-            ys = ys.reshape(k, ph, 1, gh, 1).expand(k, ph, pw, gh, gw)
-            xs = xs.reshape(k, 1, pw, 1, gw).expand(k, ph, pw, gh, gw)
-            grid = torch.stack((xs, ys), dim=-1).reshape(1, k * ph * pw, gh * gw, 2)
-            sampled = F.grid_sample(input[b:b + 1], grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)  # [1, C, k * PH * PW, gh * gw]
-            out[sel] = sampled.mean(dim=3).reshape(c, k, ph, pw).transpose(0, 1)
+            out[sel] = _align(input[b:b + 1], x1[sel], y1[sel], bin_w[sel], bin_h[sel], (ph, pw), (gh, gw))
     return out.to(dtype)
+
+
+def _on_map(boxes: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Boxes [K, 4] in image pixels -> (x1, y1, width, height) in map cells."""
+    offset = 0.5 if aligned else 0.0
+    x1 = boxes[:, 0] * spatial_scale - offset
+    y1 = boxes[:, 1] * spatial_scale - offset
+    roi_w = boxes[:, 2] * spatial_scale - offset - x1
+    roi_h = boxes[:, 3] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    return x1, y1, roi_w, roi_h
+
+
+def roi_align_one_image(input: Tensor, boxes: Tensor, output_size, spatial_scale: float, sampling_ratio: int,
+                        aligned: bool) -> Tensor:
+    """roi_align of one image's boxes [K, 4] on its map [1, C, H, W] at a fixed sampling_ratio (> 0), written
+    without data-dependent branches so that ONNX export traces it; the same values as roi_align."""
+    dtype = input.dtype
+    input = input.to(_coord_dtype(input))
+    ph, pw = _pair(output_size)
+    x1, y1, roi_w, roi_h = _on_map(boxes.to(input.dtype), spatial_scale, aligned)
+    grid = (sampling_ratio, sampling_ratio)
+    return _align(input, x1, y1, roi_w / pw, roi_h / ph, (ph, pw), grid).to(dtype)
+
+
+def _align(fmap: Tensor, x1: Tensor, y1: Tensor, bin_w: Tensor, bin_h: Tensor, bins: tuple[int, int],
+           grid: tuple[int, int]) -> Tensor:
+    """RoIAlign of K RoIs on one map [1, C, H, W] with the same gh x gw samples per bin: [K, C, PH, PW].
+
+    One grid_sample call for all of them, samples laid out as (RoI, bin row, bin col, gh, gw) so each bin's samples
+    are contiguous and the mean over them (sum / count, as torchvision) is cheap. No data-dependent branch: ONNX
+    export traces it as it is."""
+    (ph, pw), (gh, gw) = bins, grid
+    _, c, height, width = fmap.shape
+    k = x1.shape[0]
+    ys = _sample_axis(y1, bin_h, ph, gh, height).reshape(k, ph, 1, gh, 1).expand(k, ph, pw, gh, gw)
+    xs = _sample_axis(x1, bin_w, pw, gw, width).reshape(k, 1, pw, 1, gw).expand(k, ph, pw, gh, gw)
+    grid_xy = torch.stack((xs, ys), dim=-1).reshape(1, k * ph * pw, gh * gw, 2)
+    sampled = F.grid_sample(fmap, grid_xy, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # [1, C, K * PH * PW, gh * gw]
+    return sampled.mean(dim=3).reshape(c, k, ph, pw).transpose(0, 1)
 
 
 def _sample_axis(start: Tensor, bin_size: Tensor, bins: int, grid: int, size: int) -> Tensor:
@@ -236,6 +262,21 @@ class MultiScaleRoIAlign(nn.Module):
                 out[idx] = roi_align(fmap, rois[idx], self.output_size, 1.0 / stride, self.sampling_ratio,
                                      self.aligned)
         return out
+
+
+    def every_level(self, features: dict[str, Tensor], boxes: Tensor, strides: Sequence[int]) -> Tensor:
+        """forward for one image's boxes [K, 4] (ONNX export): every box is pooled on every level and keeps its own
+        level's result, so the traced graph has no branch on how many boxes a level gets. Costs one RoIAlign per
+        level, small next to the backbone."""
+        if self.sampling_ratio <= 0:
+            raise OculaError("exporting RoIAlign needs a fixed sampling_ratio (> 0)")
+        maps = [features[name] for name in self.featmap_names]
+        pooled = [roi_align_one_image(m, boxes, self.output_size, 1.0 / s, self.sampling_ratio, self.aligned)
+                  for m, s in zip(maps, strides)]
+        if len(maps) == 1:
+            return pooled[0]
+        which = self.map_levels(boxes, [round(math.log2(s)) for s in strides])
+        return torch.stack(pooled).gather(0, which.view(1, -1, 1, 1, 1).expand(1, *pooled[0].shape))[0]
 
 
 class RoIPool(nn.Module):
