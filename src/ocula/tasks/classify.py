@@ -210,8 +210,9 @@ def pretrained_weights(path, model_name: str, device="cpu") -> tuple[dict, dict]
         features, args = encoder_weights(model, path)
         return {f"features.{k}": v for k, v in features.items()}, args
     if info.task != "classify" or info.args.get("backbone", info.arch) != model_name:
-        raise OculaError(f"--encoder for a {model_name} takes a {model_name} classifier (or, for the cnn, a conv "
-                         f"autoencoder), not a {info.args.get('backbone', info.arch)} {info.task} model", path)
+        found = info.args.get("backbone", info.arch)
+        raise OculaError(f"--encoder for {model_name} takes a classifier of that architecture (or, for the cnn, "
+                         f"a conv autoencoder), not this {found} {info.task} model", path)
     head = head_keys(model)
     return ({k: v for k, v in model.state_dict().items() if k not in head},
             {k: v for k, v in info.args.items() if k != "num_classes"})
