@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classifier", required=True, help="an airbench model file trained on CIFAR-10")
     ap.add_argument("--autoencoder", help="a conv autoencoder file trained on CIFAR-10")
-    ap.add_argument("--epochs", type=int, default=12, help="fine-tuning and scratch epochs")
+    ap.add_argument("--epochs", type=int, default=10, help="fine-tuning and scratch epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
     args = ap.parse_args()
