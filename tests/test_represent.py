@@ -17,7 +17,7 @@ from ocula.errors import OculaError
 from ocula.models import build
 from ocula.models.autoencoders import MLPAutoencoder, unpool, upsample
 from ocula.tasks import represent
-from ocula.tasks.classify import to_tensor
+from ocula.tasks.classify import pretrained_weights, to_tensor
 
 
 def blobs(n: int = 64, size: int = 12, channels: int = 1, seed: int = 0) -> ImageSet:
@@ -289,9 +289,9 @@ def test_onnx_parts_match_torch(trained, tmp_path):
 
 def test_a_conv_encoder_initialises_the_classifier(trained, tmp_path):
     data, models = trained
-    features, args = represent.encoder_weights(models["conv-ae"].path)
+    state, args = pretrained_weights(models["conv-ae"].path, "cnn")
     cnn = build("cnn", num_classes=3, **args).eval()
-    cnn.features.load_state_dict(features)
+    assert set(cnn.load_state_dict(state, strict=False).missing_keys) == {"head.3.weight", "head.3.bias"}
     ae = ocula.load(models["conv-ae"].path, device="cpu").module
     x = torch.rand(2, 3, 16, 16) * 255
     with torch.no_grad():

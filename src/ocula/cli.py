@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
     c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
     c.add_argument("--labels-per-class", type=int, help="classify: train on this many labelled images per class")
-    c.add_argument("--encoder", help="classify (cnn): a conv autoencoder's model file that initialises the features")
+    c.add_argument("--encoder", help="classify: a model file that initialises the network: a classifier of the same "
+                   "architecture (e.g. airbench on CIFAR-10) or, for the cnn, a conv autoencoder")
     c.add_argument("--code-size", type=int, help="represent: the code's dimension (default per model)")
     c.add_argument("--penalty", type=float, help="represent: sparsity or contractive weight, or the VAE's KL weight")
     c.add_argument("--sparsity", choices=["l1", "kl"], help="represent: L1 on the code or KL to --rho")

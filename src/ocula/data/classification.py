@@ -40,6 +40,16 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, self.value_max, self.name)
 
 
+def stratified_folds(labels: np.ndarray, n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled, seeded stratified k-fold: [(train indices, test indices)] per fold, each class spread evenly."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < n_folds:
+        raise OculaError(f"a class has {counts[counts > 0].min()} images, fewer than the {n_folds} folds")
+    return list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+
+
 def load_digits(root: Path | None, split: str) -> ImageSet:
     """All 1797 digits as split 'all'; 'train' / 'test' are the source document's split (test_size=1/3, seed 42)."""
     from sklearn.datasets import load_digits as sk_digits

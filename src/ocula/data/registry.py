@@ -105,7 +105,8 @@ def verify(name: str, data_dir: str | Path | None = None) -> dict[str, bool]:
     return {f: (root / f).is_file() and md5sum(root / f) == m for f, m in info.md5.items()}
 
 
-_BUILTIN_MODULES = ("ocula.data.classification", "ocula.data.segmentation", "ocula.data.detection")
+_BUILTIN_MODULES = ("ocula.data.classification", "ocula.data.segmentation", "ocula.data.detection",
+                    "ocula.data.cell_types")
 
 
 def _register_builtin() -> None:

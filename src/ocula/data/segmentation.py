@@ -225,6 +225,11 @@ def _zheng_types(csv_path: Path) -> dict[int, int]:
     return types
 
 
+def zheng_types_csv(root: Path) -> Path:
+    """The CSV of WBC types, beside Dataset 1's image folder."""
+    return _pick(Path(root), "Dataset 1").parent / "Class Labels of Dataset 1.csv"
+
+
 def load_zheng(root: Path, split: str = "all") -> MaskDataset:
     """Zheng et al. 2018 WBC Dataset 1: BMP images, PNG masks (0 background, 128 cytoplasm, 255 nucleus).
 
@@ -237,7 +242,7 @@ def load_zheng(root: Path, split: str = "all") -> MaskDataset:
     folder = _pick(root, "Dataset 1")
     images = sorted(p for p in list_images(folder) if p.suffix.lower() == ".bmp")
     files = _pairs(images, lambda p: p.with_suffix(".png"), need_masks=True)
-    csv_path = folder.parent / "Class Labels of Dataset 1.csv"
+    csv_path = zheng_types_csv(root)
     types = _zheng_types(csv_path) if csv_path.is_file() else {}
     meta = []
     for p in images:

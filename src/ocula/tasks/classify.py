@@ -23,8 +23,8 @@ from ocula.models.backbones import list_backbones
 from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", "airbench", *list_backbones())
-# labels_per_class: train on that many labelled images of each class (seeded); encoder: a conv autoencoder's file
-# (ocula.tasks.represent) whose encoder initialises the cnn's feature layers.
+# labels_per_class: train on that many labelled images of each class (seeded); encoder: a model file whose layers
+# initialise the network (`pretrained_weights`).
 OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None, minutes=None,
                labels_per_class=0, encoder=None)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
@@ -134,10 +134,11 @@ def split_validation(data: ImageSet, fraction: float, seed: int):
 
 def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = None, run_dir: Path | None = None,
               resume: bool = False, progress: bool = True, augment: bool = True, arch: str = "cnn",
-              arch_args: dict | None = None, features: dict | None = None, minutes: float | None = None,
+              arch_args: dict | None = None, pretrained: dict | None = None, minutes: float | None = None,
               model=None, loss=None):
-    """Train a network classifier ('cnn' or 'backbone-classifier') with the shared engine; returns (model, info,
-    history). `features`: a pretrained encoder's state for its feature layers; `model`: go on training this one
+    """Train a network classifier ('cnn', 'airbench' or 'backbone-classifier') with the shared engine; returns
+    (model, info, history). `pretrained`: the state of every layer but the head (`pretrained_weights`), the new
+    head starting at random; `model`: go on training this one
     (with its .info), as compression's fine-tuning does; `loss(m, x, y)`: instead of cross-entropy (distillation);
     `minutes`: stop at this wall-clock budget (or after config.epochs), the learning rate warming up and then
     following a cosine over the budget so the run ends at a low rate wherever it stops."""
@@ -148,8 +149,10 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
         args = arch_args or cnn_args(train)
         with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
             model = build(arch, **args)
-        if features is not None:
-            model.features.load_state_dict(features)
+        if pretrained is not None:
+            missing, unexpected = model.load_state_dict(pretrained, strict=False)
+            if unexpected or set(missing) != head_keys(model):
+                raise ValueError(f"pretrained state does not fit {arch}: missing {missing}, unexpected {unexpected}")
         elif hasattr(model, "init_from_data"):
             model.init_from_data(images)  # airbench's whitening filters come from the training images
         info = model_info(train, arch, args)
@@ -184,6 +187,54 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
         trainer.callbacks.append(LearningRateBudget(seconds=minutes * 60, steps=config.epochs * len(batches)))
     history = trainer.fit(resume=resume)
     return trainer.model, info, history
+
+
+def head_keys(model) -> set[str]:
+    """The parameter names of the model's last linear layer: the head a new set of classes replaces."""
+    name = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    return {f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters(recurse=False)}
+
+
+def pretrained_weights(path, model_name: str, device="cpu") -> tuple[dict, dict]:
+    """(state of every layer but the head, the architecture arguments that take it) from a model file that
+    initialises a `model_name` classifier: a classifier of that architecture trained on other data (CIFAR-10's
+    airbench for airbench), or for the cnn also a conv autoencoder's encoder. The normalisation stays the
+    pretrained one: the layers learnt on its scale."""
+    from ocula.modelfile import load_model
+
+    model = load_model(path, device=device)
+    info = model.info
+    if info.task == "represent" and model_name == "cnn":
+        from ocula.tasks.represent import encoder_weights
+
+        features, args = encoder_weights(model, path)
+        return {f"features.{k}": v for k, v in features.items()}, args
+    if info.task != "classify" or info.args.get("backbone", info.arch) != model_name:
+        found = info.args.get("backbone", info.arch)
+        raise OculaError(f"--encoder for {model_name} takes a classifier of that architecture (or, for the cnn, "
+                         f"a conv autoencoder), not this {found} {info.task} model", path)
+    head = head_keys(model)
+    return ({k: v for k, v in model.state_dict().items() if k not in head},
+            {k: v for k, v in info.args.items() if k != "num_classes"})
+
+
+def network(train: ImageSet, model_name: str, *, widths: list[int] | None = None, width_mult: float | None = None,
+            encoder: str | None = None, device="cpu") -> tuple[str, dict, dict | None]:
+    """(architecture, its arguments, pretrained state or None) of a `model_name` network classifier for `train`,
+    started from the model file `encoder` when given."""
+    if model_name == "cnn":
+        arch, args = "cnn", cnn_args(train, widths=widths or DATASET_WIDTHS.get(train.name, CNN_WIDTHS))
+    elif model_name == "airbench":
+        arch, args = "airbench", cnn_args(train, widths=widths or AIRBENCH_WIDTHS)
+    else:
+        arch, args = "backbone-classifier", backbone_args(train, model_name, width_mult)
+    if not encoder:
+        return arch, args, None
+    pretrained, encoder_args = pretrained_weights(encoder, model_name, device)
+    if encoder_args["in_channels"] != train.channels:
+        raise OculaError(f"the encoder takes {encoder_args['in_channels']}-channel images; {train.name} has "
+                         f"{train.channels}", encoder)
+    return arch, {**args, **encoder_args}, pretrained
 
 
 @contextmanager
@@ -323,7 +374,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     """Fit on the train split (or `labels_per_class` images of each class), select on val (the dataset's own, else
     a stratified `val_fraction` of the training images), and score the test split once when there is one.
     `widths`: the cnn's or airbench's stage widths; `width_mult`: a MobileNet's width multiplier; `minutes`: a
-    wall-clock budget (see `train_cnn`); `encoder`: a conv autoencoder file whose encoder initialises the cnn.
+    wall-clock budget (see `train_cnn`); `encoder`: a model file that initialises the network (`pretrained_weights`).
     Returns (model with .info, summary)."""
     from ocula.data.layout import splits
 
@@ -331,28 +382,17 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     train_set = load_data(data, "train", data_dir)
     if labels_per_class:
         train_set = labelled_subset(train_set, labels_per_class, config.seed)
-    features = None
-    if encoder:
-        if model_name != "cnn":
-            raise OculaError(f"a pretrained encoder initialises the cnn, not {model_name}")
-        from ocula.tasks.represent import encoder_weights
-
-        features, encoder_args = encoder_weights(encoder, config.device)
     if model_name == "svc":
+        if encoder:
+            raise OculaError("--encoder initialises a network classifier, not the svc")
         model, info = fit_svc(train_set, gamma=svc_gamma, C=svc_C)
     else:
         fit_set, val_set = ((train_set, load_data(data, "val", data_dir, train_set.images.shape[1:3]))
                             if "val" in have else split_validation(train_set, val_fraction, config.seed))
-        if model_name == "cnn":
-            arch, args = "cnn", cnn_args(fit_set, widths=widths or DATASET_WIDTHS.get(data, CNN_WIDTHS))
-        elif model_name == "airbench":
-            arch, args = "airbench", cnn_args(fit_set, widths=widths or AIRBENCH_WIDTHS)
-        else:
-            arch, args = "backbone-classifier", backbone_args(fit_set, model_name, width_mult)
-        if features is not None:
-            args.update(encoder_args)
+        arch, args, pretrained = network(fit_set, model_name, widths=widths,
+                                         width_mult=width_mult, encoder=encoder, device=config.device)
         model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
-                                   arch=arch, arch_args=args, features=features, minutes=minutes)
+                                   arch=arch, arch_args=args, pretrained=pretrained, minutes=minutes)
         if val_set is not None and (run_dir / "best.ocula").is_file():
             from ocula.modelfile import load_model
 

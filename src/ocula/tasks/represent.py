@@ -691,13 +691,10 @@ class Part(torch.nn.Module):
         return getattr(self.model, self.method)(x)
 
 
-def encoder_weights(path: str | Path, device="cpu") -> tuple[dict, dict]:
-    """A pretrained conv autoencoder's `features` state and the cnn arguments that take it unchanged (widths,
-    channels, normalisation), to initialise a classifier when labels are scarce."""
-    from ocula.modelfile import load_model
-
-    model = load_model(path, device=device)
-    if model.info.task != "represent" or model.info.arch != "conv-autoencoder":
+def encoder_weights(model, path: str | Path) -> tuple[dict, dict]:
+    """A conv autoencoder's (loaded from `path`) `features` state and the cnn arguments that take it unchanged
+    (widths, channels, normalisation), to initialise a classifier when labels are scarce."""
+    if model.info.arch != "conv-autoencoder":
         raise OculaError(f"--encoder needs a conv autoencoder (conv-ae, denoising-ae, conv-vae), not a "
                          f"{model.info.extra.get('model', model.info.arch)} {model.info.task} model", path)
     a = model.info.args
