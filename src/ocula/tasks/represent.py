@@ -240,7 +240,7 @@ def train_gan(model, info: ModelInfo, train: ImageSet, val: ImageSet | None, con
                            drop_last=len(train) > config.batch_size)
     history, log = [], CSVLogger(run_dir / "metrics.csv")
     feature_model = info.extra.get("feature_model")
-    best, best_state = float("inf"), None
+    best, best_state = {"val_frechet": float("inf")}, None
     with runtime(seed=config.seed, threads=config.threads, device=device):
         model.to(device).train()
         if feature_model and val is not None:
@@ -278,18 +278,18 @@ def train_gan(model, info: ModelInfo, train: ImageSet, val: ImageSet | None, con
             if feature_model and val is not None:
                 fake_f, _ = classifier_features(feature_model, sample(model, n_val, seed=1), device)
                 history[-1]["val_frechet"] = frechet_distance(fake_f, val_f)
-                if history[-1]["val_frechet"] < best:
-                    best, best_state = history[-1]["val_frechet"], copy.deepcopy(model.state_dict())
+                if history[-1]["val_frechet"] < best["val_frechet"]:
+                    best, best_state = history[-1], copy.deepcopy(model.state_dict())
                 model.train()
             log.on_epoch_end(SimpleNamespace(history=history), history[-1])
             if progress:
                 print(f"epoch {epoch + 1}/{config.epochs}: discriminator {sums[0] / n:.4f}, generator "
                       f"{sums[1] / n:.4f}, {n / seconds:.0f} images/s"
-                      + (f", val Frechet {history[-1]['val_frechet']:.2f}" if best_state else ""), flush=True)
+                      + (f", val Frechet {history[-1]['val_frechet']:.2f}" if "val_frechet" in history[-1] else ""),
+                      flush=True)
     if best_state is not None:
         model.load_state_dict(best_state)
-        info.metrics["val_frechet"] = best
-        info.metrics["val_best_epoch"] = min(history, key=lambda h: h["val_frechet"])["epoch"]
+        info.metrics.update(val_frechet=best["val_frechet"], val_best_epoch=best["epoch"])
     return model.eval(), history
 
 

@@ -263,7 +263,6 @@ class MultiScaleRoIAlign(nn.Module):
                                      self.aligned)
         return out
 
-
     def every_level(self, features: dict[str, Tensor], boxes: Tensor, strides: Sequence[int]) -> Tensor:
         """forward for one image's boxes [K, 4] (ONNX export): every box is pooled on every level and keeps its own
         level's result, so the traced graph has no branch on how many boxes a level gets. Costs one RoIAlign per
