@@ -303,15 +303,46 @@ def test_a_conv_encoder_initialises_the_classifier(trained, tmp_path):
     assert out.returncode == 1 and "needs a conv autoencoder" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_labelled_subset_takes_that_many_of_each_class():
-    from ocula.tasks.classify import labelled_subset
+def test_labelled_split_takes_that_many_of_each_class_and_leaves_the_rest():
+    from ocula.tasks.classify import labelled_split
 
     data = blobs(40)
-    picked = labelled_subset(data, 5, seed=1)
-    assert np.bincount(picked.labels).tolist() == [5, 5]
-    assert not np.array_equal(picked.images, labelled_subset(data, 5, seed=2).images)
+    picked, rest = labelled_split(data, 5, seed=1)
+    assert np.bincount(picked.labels).tolist() == [5, 5] and len(rest) == 30
+    assert not np.array_equal(picked.images, labelled_split(data, 5, seed=2)[0].images)
     with pytest.raises(OculaError, match="fewer than 30"):
-        labelled_subset(data, 30, seed=1)
+        labelled_split(data, 30, seed=1)
+
+
+def test_pseudo_labels_keep_the_surest_share_of_each_predicted_class():
+    from ocula.tasks.classify import pseudo_labels
+
+    class FirstPixels(nn.Module):  # the two pixels of each image are its logits
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.scale * x.flatten(1)
+
+    margins = [5, 1, 3, 2, 4, 6, -1, -4, -2, -3]  # six images predicted class 0, four class 1
+    images = np.array([[[m, 0]] for m in margins], np.float32)
+    pool = ImageSet(images, np.zeros(10, np.int64), ["a", "b"], 255.0)
+    keep, labels = pseudo_labels(FirstPixels(), pool, share=0.5)
+    assert keep.tolist() == [0, 4, 5, 7, 9] and labels.tolist() == [0, 0, 0, 1, 1]
+    assert len(pseudo_labels(FirstPixels(), pool, share=1.0)[0]) == 10
+
+
+def test_self_training_adds_pseudo_labelled_rounds(trained, tmp_path):
+    data, _ = trained
+    model = ocula.train(data, "cnn", labels_per_class=3, self_train=2, epochs=1, batch_size=9, threads=1,
+                        runs_dir=tmp_path, progress=False, val_fraction=0)
+    notes = model.summary["self_train"]
+    assert notes[0]["pseudo_labels"] < notes[1]["pseudo_labels"] == 18  # 27 training images, 9 of them labelled
+    assert all(0 <= n["pseudo_label_accuracy"] <= 1 for n in notes)
+    assert (model.run_dir / "self-train" / "round-2" / "last.ocula").is_file()
+    out = run("train", data, "--model", "cnn", "--self-train", "2", "--runs-dir", tmp_path, "--name", "y")
+    assert out.returncode == 1 and "labels_per_class" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_pca_on_mnist_matches_the_measured_baseline(datasets):

@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--embedder", help="recognize (--model 1nn, knn or map): the classifier file that embeds")
     c.add_argument("--k", type=int, help="recognize: neighbours for knn (default 5)")
     c.add_argument("--labels-per-class", type=int, help="classify: train on this many labelled images per class")
+    c.add_argument("--self-train", type=int, metavar="ROUNDS", help="classify, with --labels-per-class: rounds of "
+                   "pseudo-labelling the other training images, surest first, and training again on them")
     c.add_argument("--encoder", help="classify: a model file that initialises the network: a classifier of the same "
                    "architecture (e.g. airbench on CIFAR-10) or, for the cnn, a conv autoencoder")
     c.add_argument("--code-size", type=int, help="represent: the code's dimension (default per model)")

@@ -3,8 +3,9 @@ CIFAR-10, a folder of class folders) with the source document's SVC, a small CNN
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ from ocula.models.classifiers import RBFSVC
 
 MODELS = ("cnn", "svc", "airbench", *list_backbones())
 # labels_per_class: train on that many labelled images of each class (seeded); encoder: a model file whose layers
-# initialise the network (`pretrained_weights`).
+# initialise the network (`pretrained_weights`); self_train: rounds of pseudo-labelling the rest (`self_training`).
 OPTIONS = dict(val_fraction=0.1, svc_gamma=0.001, svc_C=1.0, widths=None, width_mult=None, minutes=None,
-               labels_per_class=0, encoder=None)
+               labels_per_class=0, encoder=None, self_train=0)
 # How photos become model input, by the dataset that made the model (image folders and CIFAR-10: 'resize').
 PHOTO_STYLES = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "fashion"}
 CNN_WIDTHS = [32, 64, 128]  # default stage widths
@@ -45,6 +46,7 @@ AIRBENCH = dict(epochs=10, batch_size=1024, optimizer="sgd", lr=1.5, momentum=0.
                 schedule="triangle", warmup=0.23, label_smoothing=0.2, norm_lr_scale=64.0, lookahead=5,
                 bf16=True, channels_last=True, monitor="val_accuracy", mode="max")
 AIRBENCH_WIDTHS = [64, 256, 256]
+SELF_TRAIN_EPOCHS, SELF_TRAIN_BATCH = 2, 128  # per self-training round (`self_train`)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -112,14 +114,52 @@ def backbone_args(train: ImageSet, backbone: str, width_mult: float | None = Non
     return args
 
 
-def labelled_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
-    """`per_class` images of each class drawn with `seed`: the few labels of a semi-supervised setting."""
+def labelled_split(data: ImageSet, per_class: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(`per_class` images of each class drawn with `seed`, the rest): the few labels of a semi-supervised
+    setting and the images whose labels it does not use."""
     rng = np.random.default_rng(seed)
     picked = [rng.choice(np.flatnonzero(data.labels == k), per_class, replace=False)
               for k in range(len(data.classes)) if (data.labels == k).sum() >= per_class]
     if len(picked) < len(data.classes):
         raise OculaError(f"{data.name} has a class with fewer than {per_class} images; lower labels_per_class")
-    return data.subset(np.sort(np.concatenate(picked)))
+    labelled = np.zeros(len(data), bool)
+    labelled[np.concatenate(picked)] = True
+    return data.subset(labelled), data.subset(~labelled)
+
+
+def pseudo_labels(model, pool: ImageSet, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, predicted labels) of the `share` of `pool` the model is surest of within each predicted class:
+    class by class, so that a class the model finds hard is not crowded out by the easy ones."""
+    probs = batched_forward(model, to_tensor(pool.images)).softmax(1)
+    confidence, predicted = probs.max(1)
+    keep = []
+    for k in predicted.unique():
+        members = torch.nonzero(predicted == k).flatten()
+        keep.append(members[confidence[members].argsort(descending=True)[:math.ceil(share * len(members))]])
+    keep = torch.cat(keep).sort().values.numpy()
+    return keep, predicted.numpy()[keep]
+
+
+def self_training(model, labelled: ImageSet, pool: ImageSet, config: TrainConfig, *, rounds: int, run_dir: Path,
+               val: ImageSet | None, progress: bool, **network_args):
+    """Curriculum self-training (Cascante-Bonilla et al. 2021): round r of `rounds` pseudo-labels the unlabelled
+    `pool` with the last model, keeps the surest r/rounds of each predicted class, and trains a network from the
+    same starting weights (`network_args`: arch, arch_args, pretrained) on the labelled images plus those; the
+    fresh start keeps one round's mistakes from settling into the next. Returns (model, info, one note per round:
+    how many pseudo-labels, and how many were right by the pool's hidden labels)."""
+    # The pseudo-labelled set is hundreds of times the labelled one: a few epochs, at a batch that pays on CPU.
+    round_config = replace(config, epochs=SELF_TRAIN_EPOCHS, batch_size=max(config.batch_size, SELF_TRAIN_BATCH))
+    notes = []
+    for r in range(1, rounds + 1):
+        keep, labels = pseudo_labels(model, pool, r / rounds)
+        notes.append({"round": r, "pseudo_labels": len(keep),
+                      "pseudo_label_accuracy": round(float((labels == pool.labels[keep]).mean()), 4)})
+        mixed = ImageSet(np.concatenate([labelled.images, pool.images[keep]]),
+                         np.concatenate([labelled.labels, labels]), labelled.classes, labelled.value_max,
+                         labelled.name)
+        model, info = fit_network(mixed, round_config, val=val, run_dir=run_dir / "self-train" / f"round-{r}",
+                                  progress=progress, **network_args)
+    return model, info, notes
 
 
 def split_validation(data: ImageSet, fraction: float, seed: int):
@@ -367,21 +407,37 @@ def show(data: ImageSet, n: int, path: Path) -> Path:
                       value_max=data.value_max, title=f"{data.name}: {len(idx)} of {len(data)}")
 
 
+def fit_network(train: ImageSet, config: TrainConfig, *, val: ImageSet | None, run_dir: Path, **kwargs):
+    """`train_cnn`, then the checkpoint selected on `val` when there is one: (model, info)."""
+    model, info, _ = train_cnn(train, config, val=val, run_dir=run_dir, **kwargs)
+    if val is not None and (run_dir / "best.ocula").is_file():
+        from ocula.modelfile import load_model
+
+        model = load_model(run_dir / "best.ocula", device=config.device)
+        info = model.info
+    return model, info
+
+
 def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, data_dir=None, resume: bool = False,
           progress: bool = True, val_fraction: float = 0.1, svc_gamma: float = 0.001, svc_C: float = 1.0,
           widths: list[int] | None = None, width_mult: float | None = None, minutes: float | None = None,
-          labels_per_class: int = 0, encoder: str | None = None):
+          labels_per_class: int = 0, encoder: str | None = None, self_train: int = 0):
     """Fit on the train split (or `labels_per_class` images of each class), select on val (the dataset's own, else
     a stratified `val_fraction` of the training images), and score the test split once when there is one.
     `widths`: the cnn's or airbench's stage widths; `width_mult`: a MobileNet's width multiplier; `minutes`: a
-    wall-clock budget (see `train_cnn`); `encoder`: a model file that initialises the network (`pretrained_weights`).
-    Returns (model with .info, summary)."""
+    wall-clock budget (see `train_cnn`); `encoder`: a model file that initialises the network (`pretrained_weights`);
+    `self_train`: with `labels_per_class`, that many rounds of pseudo-labelling the rest of the training split
+    (`self_training`, each round in run_dir/self-train/round-R). Returns (model with .info, summary)."""
     from ocula.data.layout import splits
 
     have = splits(data, data_dir)
     train_set = load_data(data, "train", data_dir)
+    if self_train and (not labels_per_class or model_name == "svc" or resume):
+        raise OculaError("self_train pseudo-labels the images left out by labels_per_class, for a network "
+                         "classifier, in a new run (not with resume)")
     if labels_per_class:
-        train_set = labelled_subset(train_set, labels_per_class, config.seed)
+        train_set, unlabelled = labelled_split(train_set, labels_per_class, config.seed)
+    summary = {}
     if model_name == "svc":
         if encoder:
             raise OculaError("--encoder initialises a network classifier, not the svc")
@@ -391,21 +447,21 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
                             if "val" in have else split_validation(train_set, val_fraction, config.seed))
         arch, args, pretrained = network(fit_set, model_name, widths=widths,
                                          width_mult=width_mult, encoder=encoder, device=config.device)
-        model, info, _ = train_cnn(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
-                                   arch=arch, arch_args=args, pretrained=pretrained, minutes=minutes)
-        if val_set is not None and (run_dir / "best.ocula").is_file():
-            from ocula.modelfile import load_model
-
-            model = load_model(run_dir / "best.ocula", device=config.device)
-            info = model.info
+        start = dict(arch=arch, arch_args=args, pretrained=pretrained)
+        model, info = fit_network(fit_set, config, val=val_set, run_dir=run_dir, resume=resume, progress=progress,
+                                  minutes=minutes, **start)
+        if self_train:
+            model, info, summary["self_train"] = self_training(model, fit_set, unlabelled, config, rounds=self_train,
+                                                             run_dir=run_dir, val=val_set, progress=progress,
+                                                             **start)
     info.preprocess["dataset"] = data  # the name or folder to evaluate on again (a folder's ImageSet name is short)
     model.info = info
-    summary = {}
     if "test" in have:
         result = write_evaluation(model, load_data(data, "test", data_dir, train_set.images.shape[1:3]), run_dir,
                                   prefix="test-")
         summary["test_accuracy"] = result["accuracy"]
-    info.metrics = {**{k: v for k, v in info.metrics.items() if k.startswith("val_")}, **summary}
+    info.metrics = {**{k: v for k, v in info.metrics.items() if k.startswith("val_")},
+                    **{k: v for k, v in summary.items() if k != "self_train"}}
     return model, summary
 
 
