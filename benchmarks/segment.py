@@ -254,7 +254,7 @@ def bench_large(args) -> str:
 # The recipe before issue 14: native scale, mild zoom and stain jitter, half the crops centred on a cell.
 MILD_STAIN = dict(stain_sigma=0.05, stain_bias=0.03, tint=0.0, hue=0.02)
 BEFORE = dict(augment=lambda: blood_smear_augment(scale=(0.9, 1.1), **MILD_STAIN), cell_diameter=None, stain=None,
-              flips=False, foreground=0.5, binary=False)
+              flips=False, foreground=0.5, binary=False, anchor=False)
 # Each variant changes BEFORE in one respect (on top of the 64 px scale once that is measured to help).
 VARIANTS = {
     "before": {},
@@ -274,16 +274,17 @@ def recipe(variant: str) -> dict:
     if VARIANTS[variant] is None:
         blood = segment_train.BLOOD
         return dict(BEFORE, augment=segment_train.AUGMENTS[blood["augment"]], cell_diameter=blood["cell_diameter"],
-                    stain=blood["stain"], flips=blood["flips"])
+                    stain=blood["stain"], flips=blood["flips"], anchor=True)
     return {**BEFORE, **VARIANTS[variant]}
 
 
-def fit_on(sources, args, settings: dict) -> tuple[Model, float]:
+def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Model, float]:
     """Train 'unet' on one or more datasets, each with its own 10% inner hold-out for selection; the crop is the
     smallest of the datasets' (a Zheng image is ~100 px)."""
-    parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=args.seed) for d in sources]
+    seed = args.seed if seed is None else seed
+    parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=seed) for d in sources]
     crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
-    config = segment_train.default_config("unet", epochs=args.epochs, seed=args.seed, threads=args.threads,
+    config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
                                           early_stopping=args.patience)
     binary = settings["binary"] or len(sources) > 1  # trained together, the labels they share are whole cells
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,12 +295,14 @@ def fit_on(sources, args, settings: dict) -> tuple[Model, float]:
     return Model(model), time.perf_counter() - start
 
 
-def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None):
+def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, anchor: bool = True):
     """Per-image whole-cell Dice and predictions; with `known_scale` the images are resampled from the cell
-    diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed."""
+    diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed.
+    `anchor=False` keeps objects without a nucleus too."""
     diameter = segment_train.cell_diameter(segment_train.whole_cells(pairs)) if known_scale else None
     settings = segment_train.tiling(model.info, diameter)
     settings["flips"] = settings["flips"] if flips is None else flips
+    settings["anchor"] = settings["anchor"] if anchor else None
     preds = [segment_train.predict_labels(model.module, image, **settings) for image, _ in pairs]
     return [dice(p > 0, m > 0) for p, (_, m) in zip(preds, pairs)], preds
 
@@ -330,8 +333,8 @@ def bench_ablation(args) -> str:
     rows, sigtuple_models = [], {}
     for variant in args.variants:
         settings = recipe(variant)
-        # SigTuple is binary already: variants that differ only in `binary` share its model.
-        key = repr(sorted((k, v) for k, v in settings.items() if k != "binary"))
+        # SigTuple is binary, with no nucleus class: variants differing only in `binary` or `anchor` share its model.
+        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor")))
         if key not in sigtuple_models:
             sigtuple_models[key] = fit_on([sigtuple], args, settings)
         s_model, s_seconds = sigtuple_models[key]
@@ -361,7 +364,8 @@ def bench_ablation(args) -> str:
                     "respect: 'scale' resamples every dataset to 64 px cells; 'scale-aug' adds zoom 0.7-1.4; "
                     "'stain-jitter' OD-space stain jitter 0.25 / 0.08, RGB tint 0.3 and hue 0.05; 'reinhard' normalises colours; "
                     "'negatives' centres only a quarter of the crops on a cell; 'binary' trains Zheng as whole cells "
-                    "(SigTuple is binary already); 'recipe' is the default blood recipe.")
+                    "(SigTuple is binary already); 'recipe' is the default blood recipe (with the nucleus anchor: "
+                    "cross section).")
 
 
 def bench_cross(args) -> str:
@@ -381,29 +385,37 @@ def bench_cross(args) -> str:
             ("both", [sigtuple.subset(s_train), zheng.subset(z_train)], list(both_tests))]
     out = Path(args.out)
     rows = []
+    seeds = range(args.seed, args.seed + args.seeds)
     for trained_on, sources, tested_on in runs:
-        model, seconds = fit_on(sources, args, settings)
+        trained = [fit_on(sources, args, settings, seed) for seed in seeds]
+        has_anchor = trained[0][0].info.preprocess["anchor"] is not None
+        seconds = np.mean([sec for _, sec in trained])
         for name in tested_on:
             pairs = {**tests, **both_tests}[name]
-            for known in (True, False):
-                scores, preds = cell_dice(model, pairs, known_scale=known)
-                rows.append([trained_on, name, "known" if known else "assumed", mean_std(scores),
-                             f"{np.min(scores):.3f}", f"{np.mean(np.array(scores) >= 0.9):.0%}", len(scores),
-                             f"{seconds:.0f}"])
-                log(f"cross {trained_on} -> {name}, scale {rows[-1][2]}: {rows[-1][3]}")
-                if known:
-                    worst_overlays(pairs, preds, scores, out / f"{trained_on}-to-{name.replace(' ', '-')}.png",
-                                   f"trained on {trained_on}, tested on {name}: the worst images")
+            for known, anchor in [(k, a) for k in (True, False) for a in ((True, False) if has_anchor else (True,))]:
+                runs_scores = [cell_dice(model, pairs, known_scale=known, anchor=anchor) for model, _ in trained]
+                scores = np.concatenate([sc for sc, _ in runs_scores])
+                rows.append([trained_on, name, "known" if known else "assumed",
+                             ("on" if anchor else "off") if has_anchor else "-", mean_std(scores),
+                             " ".join(f"{np.mean(sc):.3f}" for sc, _ in runs_scores), f"{np.min(scores):.3f}",
+                             f"{np.mean(scores >= 0.9):.0%}", len(pairs), f"{seconds:.0f}"])
+                log(f"cross {trained_on} -> {name}, scale {rows[-1][2]}, anchor {rows[-1][3]}: {rows[-1][4]}")
+                if known and anchor:
+                    sc, preds = runs_scores[0]
+                    worst_overlays(pairs, preds, sc, out / f"{trained_on}-to-{name.replace(' ', '-')}.png",
+                                   f"trained on {trained_on} (seed {args.seed}), tested on {name}: the worst images")
     diameters = {name: segment_train.cell_diameter(segment_train.whole_cells(segment_train.decode(d)))
                  for name, d in (("SigTuple", sigtuple), ("Zheng", zheng))}
-    table = markdown_table(["trained on", "tested on", "scale", "per-image Dice", "worst", "images >= 0.90",
-                            "images", "train s"], rows)
+    table = markdown_table(["trained on", "tested on", "scale", "nucleus anchor", "per-image Dice",
+                            "mean per seed", "worst", "images >= 0.90", "images", "train s"], rows)
     blood = segment_train.BLOOD
     return table + ("\n\nWhole-cell Dice per image (Zheng: nucleus + cytoplasm; a Zheng-trained model's "
-                    "nucleus and cytoplasm merged). The default blood recipe "
-                    f"({', '.join(f'{k}={v}' for k, v in blood.items())}): 'unet', up to {args.epochs} epochs of "
+                    f"nucleus and cytoplasm merged), pooled over {args.seeds} training seed(s). The default blood "
+                    f"recipe ({', '.join(f'{k}={v}' for k, v in blood.items())}): 'unet', up to {args.epochs} epochs of "
                     f"{args.crops} crops, patience {args.patience}, 10% of each training set held out for "
-                    "selection. Trained on both: whole cells, crop 96. Scale: pixel sizes are stated by neither "
+                    "selection. Trained on both: whole cells, crop 96. Nucleus anchor: a model with a nucleus class "
+                    "keeps only predicted objects that contain nucleus pixels (on: the default; off: the same "
+                    "model without it). Scale: pixel sizes are stated by neither "
                     "dataset; the median whole-cell diameter measured on the masks is "
                     f"{diameters['SigTuple']:.1f} px (SigTuple) and {diameters['Zheng']:.1f} px (Zheng). 'known' "
                     "resamples test images from their measured diameter, 'assumed' at the training images' scale "
@@ -426,6 +438,7 @@ def main():
                     help="ablation: the recipe variants to train and score")
     ap.add_argument("--flip-variants", nargs="*", default=["scale", "recipe"],
                     help="ablation: variants also scored with test-time flips (4x the inference)")
+    ap.add_argument("--seeds", type=int, default=1, help="cross: training seeds per model, from --seed")
     ap.add_argument("--out", default="benchmarks/out/segment-cross", help="cross: folder for the worst overlays")
     ap.add_argument("--quick", action="store_true", help="1 fold, 2 epochs of 8 crops, few test images; no record")
     args = ap.parse_args()

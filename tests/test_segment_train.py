@@ -236,7 +236,17 @@ def test_small_objects_are_dropped_whatever_their_class():
     labels[5:25, 5:25] = 1  # a 400 px cell ...
     labels[10:15, 10:15] = 2  # ... with a nucleus: one object of two classes
     labels[30:33, 30:33] = 2  # a 9 px speck
-    kept = segment_train.drop_small_objects(labels, min_area=50)
+    kept = segment_train.drop_objects(labels, min_area=50)
     assert (kept[:25, :25] == labels[:25, :25]).all() and not kept[30:, 30:].any()
-    assert segment_train.drop_small_objects(labels, min_area=0) is labels
-    assert not segment_train.drop_small_objects(labels, min_area=401).any()
+    assert segment_train.drop_objects(labels, min_area=0) is labels
+    assert not segment_train.drop_objects(labels, min_area=401).any()
+
+
+def test_objects_without_a_nucleus_are_dropped():
+    labels = np.zeros((40, 40), np.int64)
+    labels[2:18, 2:18] = 1  # a white cell: cytoplasm ...
+    labels[6:12, 6:12] = 2  # ... around a nucleus
+    labels[24:38, 24:38] = 1  # 'cytoplasm' alone: a red cell
+    kept = segment_train.drop_objects(labels, min_area=0, anchor=2)
+    assert (kept[:20, :20] == labels[:20, :20]).all() and not kept[20:, 20:].any()
+    assert (segment_train.drop_objects(labels, min_area=0, anchor=None) == labels).all()

@@ -193,17 +193,21 @@ class CropBatches:
 # ------------------------------------------------------------------------------------------------- prediction
 
 
-def drop_small_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
-    """Labels with every foreground component (8-connected, any class) under `min_area` px set to background:
-    on whole smears, specks of stain and platelets that a model trained on WBC patches never saw."""
-    if min_area <= 0:
+def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None) -> np.ndarray:
+    """Labels with every foreground component (8-connected, any class) under `min_area` px set to background (on
+    whole smears, specks of stain and platelets that a model trained on WBC patches never saw), and with
+    `anchor` (a class index) also every component without a pixel of that class: a white cell has a nucleus, so
+    cytoplasm alone is a red cell painted by a model that has not seen such red cells."""
+    if min_area <= 0 and anchor is None:
         return labels
     from scipy.ndimage import label
 
-    components, _ = label(labels > 0, structure=np.ones((3, 3)))
-    small = np.bincount(components.ravel()) < min_area
-    small[0] = False
-    return np.where(small[components], 0, labels)
+    components, n = label(labels > 0, structure=np.ones((3, 3)))
+    drop = np.bincount(components.ravel(), minlength=n + 1) < min_area
+    if anchor is not None:
+        drop |= np.bincount(components.ravel(), weights=labels.ravel() == anchor, minlength=n + 1) == 0
+    drop[0] = False
+    return np.where(drop[components], 0, labels)
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
@@ -228,22 +232,22 @@ def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25,
 
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
                    min_area: int = 0, batch_size: int = 8, scale: float = 1.0, stain: dict | None = None,
-                   flips: bool = False) -> np.ndarray:
+                   flips: bool = False, anchor: int | None = None) -> np.ndarray:
     """Class labels [H, W] (0 = background) for an RGB uint8 image of any size (`predict_probs`), without
-    foreground objects under `min_area` px at the model's scale."""
+    foreground objects under `min_area` px at the model's scale or without a pixel of class `anchor`."""
     probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size, scale=scale,
                           stain=stain, flips=flips)
-    return drop_small_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2))
+    return drop_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2), anchor)
 
 
 def tiling(info: ModelInfo, cell_diameter_px: float | None = None) -> dict:
-    """The inference settings a model file records (files written before min_area, stain or flips existed keep
-    every object, leave colours and do not flip), for images whose cells span `cell_diameter_px` (default: as
-    in the training images)."""
+    """The inference settings a model file records (files written before min_area, stain, flips or anchor existed
+    keep every object, leave colours and do not flip), for images whose cells span `cell_diameter_px` (default:
+    as in the training images)."""
     pre = info.preprocess
     return {"tile": pre["tile"], "overlap": pre["overlap"], "threshold": pre["threshold"],
             "min_area": pre.get("min_area", 0), "stain": pre.get("stain"), "flips": pre.get("flips", False),
-            "scale": scale_for(info, cell_diameter_px)}
+            "anchor": pre.get("anchor"), "scale": scale_for(info, cell_diameter_px)}
 
 
 def scale_for(info: ModelInfo, cell_diameter_px: float | None) -> float:
@@ -385,7 +389,7 @@ def plot_predictions(model, pairs, path: Path, *, limit: int = 8, title: str = "
 
 def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_area: int = 0,
                arch_args: dict | None = None, cell_diameter_px: float | None = None, stain: dict | None = None,
-               flips: bool = False, native_px: float | None = None):
+               flips: bool = False, native_px: float | None = None, anchor: bool = True):
     """Architecture arguments (the named U-Net, normalised with the training set's statistics) and ModelInfo."""
     from ocula.models.unet import unet_config
 
@@ -400,7 +404,8 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_ar
                   "overlap": 0.25, "threshold": 0.5, "min_area": min_area,
                   "output": "binary" if len(classes) == 2 else "multiclass", "dataset": dataset,
                   "cell_diameter": cell_diameter_px, "training_cell_diameter": native_px and round(native_px, 1),
-                  "stain": stain, "flips": flips}
+                  "stain": stain, "flips": flips,
+                  "anchor": classes.index("nucleus") if anchor and "nucleus" in classes else None}
     return args, ModelInfo(task="segment", arch="normalized-unet", args=args, classes=classes,
                            preprocess=preprocess, extra={"model": model_name})
 
@@ -408,13 +413,15 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_ar
 def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: int = 128, augment="smear",
         crops_per_epoch: int | None = None, run_dir: Path | None = None, resume: bool = False,
         progress: bool = True, arch_args: dict | None = None, cell_diameter: float | None = None,
-        stain: str | None = None, flips: bool = False, binary: bool = False, foreground: float = FOREGROUND_CROPS):
+        stain: str | None = None, flips: bool = False, binary: bool = False, foreground: float = FOREGROUND_CROPS,
+        anchor: bool = True):
     """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
     (likewise) each epoch; returns (model, info, history).
 
     `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` ('reinhard') normalises
     colours, `flips` makes prediction average the four flips, `binary` trains whole cells from multi-class masks,
-    `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and background).
+    `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and background),
+    `anchor` makes prediction keep only objects with a nucleus when the masks have that class (`drop_objects`).
     `augment` names an AUGMENTS entry or is a factory of paired transforms. The model is the best by val_dice when
     there is a validation set (reloaded from run_dir/best.ocula), the last one otherwise."""
     if isinstance(augment, str) and augment not in AUGMENTS:
@@ -434,7 +441,7 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
     min_area = max(DATASETS.get(d.name, DEFAULT_SETUP)["min_area"] for d in sources)
     args, info = model_info(train, model_name, crop=crop, dataset="+".join(d.name for d in sources),
                             min_area=min_area, arch_args=arch_args, cell_diameter_px=cell_diameter, stain=target,
-                            flips=flips, native_px=native_px)
+                            flips=flips, native_px=native_px, anchor=anchor)
     with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
         model = build(info.arch, **args)
     loss = CrossEntropyDiceLoss()  # BCE + Dice for one output channel, softmax CE + Dice for several
