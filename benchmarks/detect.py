@@ -185,6 +185,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=40.0, help="training budget for --train")
     ap.add_argument("--threads", type=int, default=2, help="training threads for --train")
     ap.add_argument("--runs-dir", default="runs", help="--train writes RUNS_DIR/detect/bench-MODEL")
+    ap.add_argument("--int8", action="store_true", help="test: also quantize each fcos to int8 (`ocula compress`, "
+                    "calibrated on 512 training images) and score the ONNX file the same way")
     ap.add_argument("--section", action="append", choices=("trials", "test", "recall"),
                     help="run only this part (repeatable; default test and recall). trials: Faster R-CNN recipes "
                     "on val; test: accuracy, exports and speed on the test split; recall: Faster R-CNN's proposals")
@@ -205,7 +207,7 @@ def main():
     if "recall" in sections:
         proposals([p for p in paths if ocula.load(p).info.arch == "faster-rcnn"], test)
     if "test" in sections:
-        accuracy_and_speed(paths, test)
+        accuracy_and_speed(paths, test, args.int8)
 
 
 def proposals(paths: list[Path], test) -> None:
@@ -224,21 +226,41 @@ def proposals(paths: list[Path], test) -> None:
            "model's input size.")
 
 
-def accuracy_and_speed(paths: list[Path], test) -> None:
+def int8_timings(path: Path, info, images) -> dict[str, str]:
+    """Model.predict per image on an int8 ONNX file at 1 and 2 ONNX Runtime threads (no torch columns)."""
+    from ocula.api import Model
+    from ocula.export.onnx import OnnxModule
+
+    out = {"torch1": "-", "torch2": "-"}
+    for threads in (1, 2):
+        model = Model(OnnxModule(path, info, threads=threads))
+        out[f"ort{threads}"] = f"{median_ms(lambda im: model.predict(im), images):.1f}"
+    return out
+
+
+def accuracy_and_speed(paths: list[Path], test, int8: bool = False) -> None:
     images = [test[i][0] for i in range(10)]
     rows, errors, parity = [], [], []
     for path in paths:
         model = ocula.load(path)
         torch.set_num_threads(2)
-        r = model.evaluate("bccd", split="test")
         minutes, settings = settings_of(path, model)
         t = timings(model, path, images)
         parity.append(t["parity"])
-        rows.append([f"ocula {model.info.arch} ({path})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
-                     *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
-                     f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", settings])
-        errors += [[model.info.arch, f"{counting_threshold(model):g}", *e] for e in error_breakdown(model, test)]
-        print(rows[-1], errors[-3:], flush=True)
+        variants = [(model, path.name, t, settings)]
+        if int8 and detect.is_fcos(model.module):
+            quantized = ocula.compress(path, "int8", path.with_name(f"{path.stem}-int8.onnx"), progress=False)
+            variants.append((quantized, f"int8 of {path.name}", int8_timings(quantized.path, quantized.info, images),
+                             "int8 post-training static quantization (`ocula compress --method int8`: ONNX Runtime "
+                             "QDQ, per-channel weights, activations calibrated on 512 training images; decoding "
+                             "in float)"))
+        for m, label, t, how in variants:
+            r = m.evaluate("bccd", split="test")
+            rows.append([f"ocula {model.info.arch} ({label}, {path.parent})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
+                         *(f"{r['ap50'][c]:.3f}" for c in test.classes), minutes,
+                         f"{t['torch1']} / {t['torch2']}", f"{t['ort1']} / {t['ort2']}", how])
+            errors += [[rows[-1][0], f"{counting_threshold(m):g}", *e] for e in error_breakdown(m, test)]
+            print(rows[-1], errors[-3:], flush=True)
     header = ["detector", "test mAP@.5", "test mAP@[.5:.95]", "AP@.5 WBC", "AP@.5 RBC", "AP@.5 Platelets",
               "train min", "torch ms/img (1 / 2 threads)", "ORT ms/img (1 / 2 threads)", "settings"]
     body = markdown_table(header, REFERENCES + rows)

@@ -28,6 +28,7 @@ checks that the script runs; budget the real run with --epochs, --folds, --model
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -39,7 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, per_item_us, record  # noqa: E402
 
+import ocula  # noqa: E402
 from ocula.api import Model  # noqa: E402
+from ocula.compression.quantize import quantize_int8  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.data.paired_transforms import blood_smear_augment  # noqa: E402
 from ocula.data.segmentation import folds, overlay  # noqa: E402
@@ -117,16 +120,24 @@ def test_pairs(data, indices, args):
     return pairs[:args.limit] if args.limit else pairs
 
 
-def latency_ms(model: Model, size: int = 128) -> tuple[float, float]:
-    """Best-of-5 milliseconds for one size x size RGB patch through the network, torch and ONNX Runtime."""
+def latency_ms(model: Model, int8: Model, size: int = 128) -> tuple[float, float, float]:
+    """Best-of-5 milliseconds for one size x size RGB patch through the network: torch, ONNX Runtime, and ONNX
+    Runtime on the int8 model (ONNX Runtime at its default threads, one per core)."""
     x = torch.rand(1, 3, size, size) * 255
     with torch.no_grad():
         torch_ms = per_item_us(lambda: model.module(x), 1) / 1000
     with tempfile.TemporaryDirectory() as tmp:
         model.export("onnx", Path(tmp) / "m.onnx")
-        session = onnx_session(Path(tmp) / "m.onnx")
-        ort_ms = per_item_us(lambda: session.run(None, {"image": x.numpy()}), 1) / 1000
-    return torch_ms, ort_ms
+        sessions = [onnx_session(Path(tmp) / "m.onnx"), int8.module.session]
+        ort_ms, int8_ms = (per_item_us(lambda: s.run(None, {"image": x.numpy()}), 1) / 1000 for s in sessions)
+    return torch_ms, ort_ms, int8_ms
+
+
+def quantized(model: Model, train_set, seed: int) -> Model:
+    """`model` in int8 as `ocula compress --method int8` makes it, calibrated on tiles of its training images."""
+    inputs = segment_train.calibration_inputs(model.module, train_set, None, 512, seed)
+    with tempfile.TemporaryDirectory() as tmp:  # the ONNX Runtime session holds the graph in memory
+        return ocula.load(quantize_int8(copy.deepcopy(model.module).cpu(), inputs, Path(tmp) / "int8.onnx"))
 
 
 def bench_sigtuple(args) -> str:
@@ -135,9 +146,10 @@ def bench_sigtuple(args) -> str:
     on_grid = boundaries_on_grid(patches, LABEL_GRID)
     rows, grid_rows = [], []
     for name in args.models:
-        image_dice, fold_dice, seconds, epochs, snapped, ceiling = [], [], [], [], [], []
+        image_dice, fold_dice, seconds, epochs, snapped, ceiling, int8_dice = [], [], [], [], [], [], []
         for k, (train, test) in enumerate(folds(data, 5)[:args.folds]):
             model, s, e = fit(name, data.subset(train), "wbc-sigtuple", args)
+            int8 = quantized(model, data.subset(train), args.seed)
             d = []
             for image, mask in test_pairs(data, test, args):
                 probs = foreground_probs(model, image)
@@ -145,27 +157,32 @@ def bench_sigtuple(args) -> str:
                 d.append(dice(probs > 0.5, mask))
                 snapped.append(dice(on_labels_grid, mask))
                 ceiling.append(dice(on_labels_grid, probs > 0.5))
+                int8_dice.append(dice(foreground_probs(int8, image) > 0.5, mask))
             image_dice += d
             fold_dice.append(np.mean(d))
             seconds.append(s)
             epochs.append(e)
             log(f"sigtuple {name} fold {k}: per-image Dice {np.mean(d):.4f} on {len(d)} patches, {s:.0f} s, "
                 f"{e} epochs")
-        torch_ms, ort_ms = latency_ms(model)
+        torch_ms, ort_ms, int8_ms = latency_ms(model, int8)
         grid_rows.append([name, mean_std(image_dice), mean_std(snapped), mean_std(ceiling)])
         rows.append([name, f"{count_parameters(model.module):,}", f"{mean_std(image_dice)} (n={len(image_dice)})",
                      " / ".join(f"{v:.3f}" for v in fold_dice), f"{np.mean(seconds):.0f}",
-                     " / ".join(map(str, epochs)), f"{torch_ms:.1f}", f"{ort_ms:.1f}"])
+                     " / ".join(map(str, epochs)), f"{torch_ms:.1f}", f"{ort_ms:.1f}", mean_std(int8_dice),
+                     f"{int8_ms:.1f}"])
     table = markdown_table(["model", "params", "held-out per-image Dice", "fold means", "train s / fold",
-                            "epochs", "torch ms / patch", "ORT ms / patch"],
+                            "epochs", "torch ms / patch", "ORT ms / patch", "int8: Dice", "int8: ORT ms / patch"],
                            [["notes' U-Net, as reported (training set)", "7,846,081", f"{NOTES_DICE}", "", "", "",
-                             "", ""]] + rows)
+                             "", "", "", ""]] + rows)
     grid = markdown_table(["model", "Dice (as above)", f"Dice, prediction drawn on the {LABEL_GRID}-px grid",
                            f"Dice of the prediction with itself drawn on the {LABEL_GRID}-px grid"], grid_rows)
     return table + (f"\n\nFolds run: {args.folds} of 5 (fold k validates patches train-N with N % 5 == k; the five "
                     f"large images always train). Up to {args.epochs} epochs ({epochs_for('unet-seed', args)} for "
                     f"unet-seed) of {args.crops or 'all'} random crops, bf16 autocast, early stopping on a 10% inner "
-                    "hold-out. Dice of the thresholded prediction, no clean-up. Latency: one 128x128 patch, best of 5."
+                    "hold-out. Dice of the thresholded prediction, no clean-up. Latency: one 128x128 patch, best of 5 "
+                    f"(torch at {args.threads} threads, ONNX Runtime at one per core). int8: each fold's model quantized (ONNX Runtime QDQ, per-channel "
+                    "weights, activations calibrated on one tile of each of the fold's training images) and scored "
+                    "on the same held-out patches."
                     f"\n\nThe labels are coarse: {on_grid:.1%} of the label boundaries of the 164 patches lie on a "
                     f"{LABEL_GRID}-px grid, as if drawn at 32x32 and enlarged. The third column below is the Dice "
                     "between a smooth mask and the same mask drawn on that grid: an estimate of the ceiling such "

@@ -160,7 +160,7 @@ def test_bad_input_is_a_one_line_error(base, tmp_path):
     svc, info = classify.fit_svc(registry.load("digits", "train"))
     info.preprocess["dataset"] = "digits"
     save_model(tmp_path / "svc.ocula", svc, info)
-    with pytest.raises(OculaError, match="network classifier"):
+    with pytest.raises(OculaError, match="compress takes a network; this is a classify svc"):
         ocula.compress(tmp_path / "svc.ocula", "bwn", tmp_path / "x.ocula")
     from ocula.export.onnx import export_onnx
 

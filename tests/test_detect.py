@@ -122,6 +122,32 @@ def test_onnx_detections_match_torch(trained, tmp_path):
         assert [d["labels"].tolist() for d in got] == [d["labels"].tolist() for d in want]
 
 
+def test_int8_detector_finds_what_the_float_one_finds(trained, tmp_path):
+    """The decoding after the heads stays float: 8-bit pixel boxes would be off by whole strides."""
+    import onnx
+
+    import ocula
+    from ocula.compression.quantize import quantize_int8
+
+    model, pairs = trained
+    images = [im for im, _ in pairs]
+    inputs = [detect.letterbox(im, SIZE)[0][None].numpy() for im in images * 4]
+    path = quantize_int8(model, inputs, tmp_path / "tiny-int8.onnx")
+    graph = onnx.load(str(path)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    exps = [n for n in graph.node if n.op_type == "Exp"]
+    assert "QLinearConv" in producer.values() or "QuantizeLinear" in producer.values()
+    assert exps and all(producer[n.input[0]] != "QuantizeLinear" for n in exps)  # box decoding runs in float
+    quantized = ocula.load(path)
+    want = detect.detect_images(model, images, score_thresh=0.3)
+    got = detect.detect_images(quantized.module, images, score_thresh=0.3)
+    for a, b in zip(want, got):
+        from ocula.data.boxes import box_iou_np as box_iou
+
+        assert sorted(a["labels"].tolist()) == sorted(b["labels"].tolist())
+        assert box_iou(a["boxes"], b["boxes"]).max(1).min() > 0.8
+
+
 def test_batch_mates_do_not_change_an_images_detections(trained):
     model, pairs = trained
     wide = np.ascontiguousarray(pairs[0][0][:64])  # another aspect: padded below, unlike its batch mate

@@ -221,6 +221,29 @@ def test_onnx_parity_at_two_sizes_through_the_model_file(run, tmp_path):
         assert check_parity(model, path, torch.rand(1, 3, *size) * 255) < 1e-4
 
 
+def test_int8_segmenter_masks_agree_with_float(run, folder, tmp_path):
+    """int8 calibrates on tiles of the training folder; the quantized file predicts through the same task code."""
+    run_dir, _ = run
+    from ocula.errors import OculaError
+
+    import onnx
+
+    quantized = ocula.compress(run_dir / "model.ocula", "int8", tmp_path / "m.onnx", calibration=8)
+    graph = onnx.load(str(quantized.path)).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) == sum(n.op_type == "Conv" for n in graph.node)  # every conv's weights in 8 bits
+    float_model = ocula.load(run_dir / "model.ocula", device="cpu")
+    pairs = segment_train.decode(load_mask_folder(folder))
+    images = [image for image, _ in pairs]
+    agree = np.mean([np.mean(a.mask == b.mask) for a, b in zip(quantized.predict(images), float_model.predict(images))])
+    assert agree > 0.97
+    dice = [segment_train.score(m.module, pairs, **segment_train.tiling(m.info))["dice"]
+            for m in (float_model, quantized)]
+    assert dice[1] > dice[0] - 0.03, dice
+    with pytest.raises(OculaError, match="bwn compresses classifiers"):
+        ocula.compress(run_dir / "model.ocula", "bwn", tmp_path / "b.ocula")
+
+
 def test_predict_sigtuple_test_images_with_an_untrained_model(tmp_path):
     test_data = need(DATASETS / "wbc_sigtuple" / "SigTuple_data" / "Test_Data")
     images = sorted(test_data.iterdir())[:2]

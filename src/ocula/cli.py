@@ -470,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ocula.compression import AMOUNT, METHODS
 
-    c = command("compress", cmd_compress, "compress a classifier: pruning, distillation, int8, low rank or "
-                "binarization; writes a new model file and prints its size, FLOPs and validation accuracy")
+    c = command("compress", cmd_compress, "compress a classifier (pruning, distillation, int8, low rank or "
+                "binarization) or any network to int8; writes a new model file and prints its size and FLOPs")
     c.add_argument("model")
     c.add_argument("--method", required=True, choices=list(METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int)
     c.add_argument("--temperature", type=float, help="distill: softmax temperature (default 4)")
     c.add_argument("--alpha", type=float, help="distill: weight of the teacher's soft targets (default 0.9)")
-    c.add_argument("--calibration", type=int, help="int8: training images that calibrate (default 512)")
+    c.add_argument("--calibration", type=int, help="int8: training images that calibrate (default 512; a "
+                   "segmenter sees one tile of each, a detector each letterboxed image)")
     c.add_argument("--data", help="dataset to fine-tune / calibrate on (default: the one it was trained on)")
     c.add_argument("--seed", type=int)
     c.add_argument("--threads", type=int)

@@ -53,9 +53,10 @@ class CompressConfig:
 
 def compress(model: str | Path, method: str, out: str | Path, *, data: str | None = None, data_dir=None,
              progress: bool = True, **settings):
-    """Compress the classifier in model file `model` with `method` (see METHODS) into `out` (.ocula, or .onnx for
-    int8); `data` defaults to the dataset the model was trained on. Returns the new ocula.Model, whose `summary`
-    holds the method, file sizes, FLOPs, fine-tuning seconds per epoch and validation accuracy."""
+    """Compress the network in model file `model` with `method` (see METHODS) into `out` (.ocula, or .onnx for
+    int8); `data` defaults to the dataset the model was trained on. int8 takes any task's network (classifier,
+    segmenter, detector); the other methods take classifiers. Returns the new ocula.Model, whose `summary` holds
+    the method, file sizes, FLOPs, fine-tuning seconds per epoch and (classifiers) validation accuracy."""
     import ocula
     from ocula.tasks import classify
 
@@ -69,31 +70,35 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     if out.suffix != want:
         raise OculaError(f"{method} writes a {want} file, not {out.suffix or 'a file without suffix'}", out)
     source = ocula.load(model, device=config.device)
-    _check_compressible(source.module, model)
+    _check_compressible(source.module, model, method)
     data = str(data or source.info.preprocess.get("dataset") or "")
     if not data:
         raise OculaError(f"{model} does not name the dataset it was trained on; pass data")
+    start = time.perf_counter()
+    if method == "int8":
+        return _int8(source, model, out, data, data_dir, config, start)
     fit, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
                                          config.seed)
     classify._check_fits(source.module, fit)
     example = classify.to_tensor(fit.images[:1])
     before = flops(source.module, example)
-    start = time.perf_counter()
     module, epoch_seconds = _METHOD[method](source.module, fit, val, config, out, progress)
     seconds = time.perf_counter() - start
-    if method != "int8":
-        from ocula.modelfile import save_model
+    from ocula.modelfile import save_model
 
-        module.info.metrics = {}  # the source's metrics describe another network
-        save_model(out, module, module.info)
-    result = ocula.load(out, device="cpu" if method == "int8" else config.device)
-    summary = {"method": method, "source": str(model), "file": str(out), "settings": asdict(config),
-               "bytes": out.stat().st_size, "source_bytes": Path(model).stat().st_size,
-               "flops": before if method == "int8" else flops(result.module, example), "source_flops": before,
-               "seconds": round(seconds, 2), "epoch_seconds": epoch_seconds,
-               "val_accuracy": classify.evaluate(result.module, val)["accuracy"] if val is not None else None}
-    result.summary = summary
+    module.info.metrics = {}  # the source's metrics describe another network
+    save_model(out, module, module.info)
+    result = ocula.load(out, device=config.device)
+    result.summary = _summary(method, model, out, config, seconds, flops(result.module, example), before,
+                              epoch_seconds=epoch_seconds, val_accuracy=classify.evaluate(result.module, val)["accuracy"]
+                              if val is not None else None)
     return result
+
+
+def _summary(method, source, out, config, seconds, after_flops, before_flops, **extra) -> dict:
+    return {"method": method, "source": str(source), "file": str(out), "settings": asdict(config),
+            "bytes": Path(out).stat().st_size, "source_bytes": Path(source).stat().st_size, "flops": after_flops,
+            "source_flops": before_flops, "seconds": round(seconds, 2), **extra}
 
 
 def flops(module, x) -> int:
@@ -109,12 +114,14 @@ def flops(module, x) -> int:
     return int(counter.get_total_flops())
 
 
-def _check_compressible(module, path) -> None:
+def _check_compressible(module, path, method: str) -> None:
     from ocula.compression.pruning import weights
 
-    if module.info.task != "classify" or not weights(module) or module.info.arch == "svc":
-        raise OculaError(f"compress takes a network classifier (cnn, a backbone); this is a {module.info.task} "
-                         f"{module.info.arch} model", path)
+    if hasattr(module, "session") or not weights(module) or module.info.arch == "svc":  # an ONNX file, an SVC
+        raise OculaError(f"compress takes a network; this is a {module.info.task} {module.info.arch} model", path)
+    if method != "int8" and module.info.task != "classify":
+        raise OculaError(f"{method} compresses classifiers (int8 takes any network); this is a "
+                         f"{module.info.task} {module.info.arch} model", path)
 
 
 def finetune(model, fit, val, config: CompressConfig, progress: bool, loss=None):
@@ -253,13 +260,29 @@ def distillation_loss(teacher, config: CompressConfig):
     return loss
 
 
-def _int8(model, fit, val, config, out, progress):
-    from ocula.compression.quantize import calibration_images, quantize_int8
+def _int8(source, path, out, data, data_dir, config, start):
+    """Quantize with activation ranges calibrated on `config.calibration` training images, each prepared as the
+    task's prediction prepares its input (classifier images, segmentation tiles at the model's scale, letterboxed
+    detector inputs)."""
+    import torch
+
+    import ocula
+    from ocula.compression.quantize import quantize_int8
     from ocula.tasks import classify
 
-    images = calibration_images(classify.to_tensor(fit.images), config.calibration, config.seed)
-    quantize_int8(copy.deepcopy(model), images, out)
-    return None, None
+    inputs = source.task.calibration_inputs(source.module, data, data_dir, config.calibration, config.seed)
+    quantize_int8(copy.deepcopy(source.module).cpu(), inputs, out)
+    seconds = time.perf_counter() - start
+    result = ocula.load(out, device="cpu")
+    before = flops(source.module, torch.from_numpy(inputs[0][:1]))
+    val_accuracy = None
+    if source.info.task == "classify":
+        _, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
+                                           config.seed)
+        val_accuracy = classify.evaluate(result.module, val)["accuracy"] if val is not None else None
+    result.summary = _summary("int8", path, out, config, seconds, before, before, epoch_seconds=None,
+                              val_accuracy=val_accuracy)
+    return result
 
 
 def _amount(method: str, config: CompressConfig) -> float:
@@ -269,5 +292,5 @@ def _amount(method: str, config: CompressConfig) -> float:
     return amount
 
 
-_METHOD = {"magnitude": _magnitude, "structured": _structured, "distill": _distill, "int8": _int8,
+_METHOD = {"magnitude": _magnitude, "structured": _structured, "distill": _distill,
            "tucker": _lowrank("tucker"), "cp": _lowrank("cp"), "bwn": _binary(False), "xnor": _binary(True)}

@@ -520,6 +520,15 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
             for src, p, (_, steps) in zip(sources, probs, prepared)]
 
 
+def calibration_inputs(model, data: str, data_dir, n: int, seed: int) -> list[np.ndarray]:
+    """A seeded sample of `n` training images as input batches, for int8 calibration (`ocula compress`)."""
+    from ocula.compression.quantize import sample
+
+    images = load_data(data, "train", data_dir).images
+    x = to_tensor(images[np.sort(sample(len(images), n, seed))]).numpy()
+    return [x[i:i + 32] for i in range(0, len(x), 32)]
+
+
 def export(model, fmt: str, path: Path) -> str:
     """ONNX (checked against torch on random input) or CoreML."""
     if fmt == "coreml":

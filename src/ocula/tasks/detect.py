@@ -540,6 +540,15 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
             for src, im, d in zip(sources, images, dets)]
 
 
+def calibration_inputs(model, data: str, data_dir, n: int, seed: int) -> list[np.ndarray]:
+    """A seeded sample of `n` training images letterboxed to the model's input, for int8 calibration."""
+    from ocula.compression.quantize import sample
+
+    dataset = load_data(data, "train", data_dir)
+    size = model.info.preprocess["input_size"]
+    return [letterbox(dataset[int(i)][0], size)[0][None].numpy() for i in np.sort(sample(len(dataset), n, seed))]
+
+
 # --- ONNX ------------------------------------------------------------------------------------------------------
 def export(model, fmt: str, path: Path) -> str:
     """ONNX with the model file's info in its metadata (`ocula.load` reads it). FCOS: input 'image' float

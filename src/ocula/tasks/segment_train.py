@@ -260,10 +260,15 @@ def scale_for(info: ModelInfo, cell_diameter_px: float | None) -> float:
     return model_px / assumed if model_px and assumed else 1.0
 
 
+def class_count(model) -> int:
+    """Classes the network tells apart, background included (an ONNX file knows them from its recorded info)."""
+    return len(model.info.classes) if hasattr(model, "session") else max(2, model.num_classes)
+
+
 def score(model, pairs, **settings) -> dict:
     """Dice / IoU (global, per image, per class) of whole-image predictions (`predict_labels` settings) against
     the masks."""
-    meter = SegmentationMeter(num_classes=max(2, model.num_classes), ignore_index=IGNORE_INDEX)
+    meter = SegmentationMeter(num_classes=class_count(model), ignore_index=IGNORE_INDEX)
     for image, mask in pairs:
         meter.update(predict_labels(model, image, **settings), mask)
     return meter.compute()
@@ -378,7 +383,7 @@ def plot_predictions(model, pairs, path: Path, *, limit: int = 8, title: str = "
     images, titles = [], []
     for image, mask in list(pairs)[:limit]:
         pred = predict_labels(model, image, **tiles)
-        dice = segmentation_scores(pred, mask, num_classes=max(2, model.num_classes))["dice"]
+        dice = segmentation_scores(pred, mask, num_classes=class_count(model))["dice"]
         images += [overlay(image, mask), overlay(image, pred)]
         titles += ["truth", f"prediction, Dice {dice:.3f}"]
     return image_grid(images, titles, path, cols=4, title=title)
@@ -544,6 +549,24 @@ def evaluate(model, data: MaskDataset, out_dir: Path | None = None) -> dict:
         return write_evaluation(model, data, out_dir)
     pairs = decode(data)
     return score(model, pairs, **evaluation_settings(model.info, pairs))
+
+
+def calibration_inputs(model, data, data_dir, n: int, seed: int) -> list[np.ndarray]:
+    """For int8 calibration: a seeded sample of `n` training images (of dataset `data`, or a MaskDataset such as
+    a cross-validation fold's training part) as the tiled prediction feeds them (colours normalised, resampled to
+    the model's scale), each cut to one tile at a random place."""
+    from ocula.compression.quantize import sample
+    from ocula.data.stain import reinhard
+
+    dataset = data if isinstance(data, MaskDataset) else load_data(data, None, data_dir)
+    settings = tiling(model.info)
+    rng, tile, inputs = np.random.default_rng(seed), settings["tile"], []
+    for i in np.sort(sample(len(dataset), n, seed)):
+        image = dataset[int(i)][0]
+        image = resize(reinhard(image, settings["stain"]) if settings["stain"] else image, settings["scale"])
+        y, x = (rng.integers(0, max(1, size - tile) + 1) for size in image.shape[:2])
+        inputs.append(np.ascontiguousarray(image[y:y + tile, x:x + tile].transpose(2, 0, 1)[None], np.float32))
+    return inputs
 
 
 def export(model, fmt: str, path: Path) -> str:
