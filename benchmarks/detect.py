@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, record  # noqa: E402
 
 import ocula  # noqa: E402
+from ocula.compression import CompressConfig  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.errors import OculaError  # noqa: E402
 from ocula.tasks import detect  # noqa: E402
@@ -186,7 +187,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="training threads for --train")
     ap.add_argument("--runs-dir", default="runs", help="--train writes RUNS_DIR/detect/bench-MODEL")
     ap.add_argument("--int8", action="store_true", help="test: also quantize each fcos to int8 (`ocula compress`, "
-                    "calibrated on 512 training images) and score the ONNX file the same way")
+                    "calibrated on the training images) and score the ONNX file the same way")
     ap.add_argument("--section", action="append", choices=("trials", "test", "recall"),
                     help="run only this part (repeatable; default test and recall). trials: Faster R-CNN recipes "
                     "on val; test: accuracy, exports and speed on the test split; recall: Faster R-CNN's proposals")
@@ -240,6 +241,7 @@ def int8_timings(path: Path, info, images) -> dict[str, str]:
 
 def accuracy_and_speed(paths: list[Path], test, int8: bool = False) -> None:
     images = [test[i][0] for i in range(10)]
+    calibration = min(CompressConfig.calibration, len(registry.load("bccd", "train")))
     rows, errors, parity = [], [], []
     for path in paths:
         model = ocula.load(path)
@@ -252,8 +254,8 @@ def accuracy_and_speed(paths: list[Path], test, int8: bool = False) -> None:
             quantized = ocula.compress(path, "int8", path.with_name(f"{path.stem}-int8.onnx"), progress=False)
             variants.append((quantized, f"int8 of {path.name}", int8_timings(quantized.path, quantized.info, images),
                              "int8 post-training static quantization (`ocula compress --method int8`: ONNX Runtime "
-                             "QDQ, per-channel weights, activations calibrated on 512 training images; decoding "
-                             "in float)"))
+                             f"QDQ, per-channel weights, activations calibrated on {calibration} training images; "
+                             "decoding in float)"))
         for m, label, t, how in variants:
             r = m.evaluate("bccd", split="test")
             rows.append([f"ocula {model.info.arch} ({label}, {path.parent})", f"{r['map50']:.3f}", f"{r['map']:.3f}",
