@@ -146,6 +146,10 @@ def test_int8_detector_finds_what_the_float_one_finds(trained, tmp_path):
 
         assert sorted(a["labels"].tolist()) == sorted(b["labels"].tolist())
         assert box_iou(a["boxes"], b["boxes"]).max(1).min() > 0.8
+    rcnn, args = detect.build_detector("faster-rcnn", 3)
+    save_model(tmp_path / "rcnn.ocula", rcnn, detect.model_info("faster-rcnn", CLASSES, args, "bccd", SIZE))
+    with pytest.raises(OculaError, match="int8 quantizes fcos among detectors"):
+        ocula.compress(tmp_path / "rcnn.ocula", "int8", tmp_path / "rcnn.onnx")
 
 
 def test_batch_mates_do_not_change_an_images_detections(trained):

@@ -119,6 +119,9 @@ def _check_compressible(module, path, method: str) -> None:
 
     if hasattr(module, "session") or not weights(module) or module.info.arch == "svc":  # an ONNX file, an SVC
         raise OculaError(f"compress takes a network; this is a {module.info.task} {module.info.arch} model", path)
+    if method == "int8" and module.info.task == "detect" and module.info.arch != "fcos":
+        raise OculaError(f"int8 quantizes fcos among detectors; {module.info.arch}'s graph (RoIAlign, NMS between "
+                         "its stages) stays float", path)
     if method != "int8" and module.info.task != "classify":
         raise OculaError(f"{method} compresses classifiers (int8 takes any network); this is a "
                          f"{module.info.task} {module.info.arch} model", path)
