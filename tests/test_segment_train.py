@@ -223,11 +223,11 @@ def test_onnx_parity_at_two_sizes_through_the_model_file(run, tmp_path):
 
 def test_int8_segmenter_masks_agree_with_float(run, folder, tmp_path):
     """int8 calibrates on tiles of the training folder; the quantized file predicts through the same task code."""
-    run_dir, _ = run
-    from ocula.errors import OculaError
-
     import onnx
 
+    from ocula.errors import OculaError
+
+    run_dir, _ = run
     quantized = ocula.compress(run_dir / "model.ocula", "int8", tmp_path / "m.onnx", calibration=8)
     graph = onnx.load(str(quantized.path)).graph
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
@@ -235,7 +235,8 @@ def test_int8_segmenter_masks_agree_with_float(run, folder, tmp_path):
     float_model = ocula.load(run_dir / "model.ocula", device="cpu")
     pairs = segment_train.decode(load_mask_folder(folder))
     images = [image for image, _ in pairs]
-    agree = np.mean([np.mean(a.mask == b.mask) for a, b in zip(quantized.predict(images), float_model.predict(images))])
+    agree = np.mean([np.mean(a.mask == b.mask)
+                     for a, b in zip(quantized.predict(images), float_model.predict(images))])
     assert agree > 0.97
     dice = [segment_train.score(m.module, pairs, **segment_train.tiling(m.info))["dice"]
             for m in (float_model, quantized)]

@@ -89,9 +89,9 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     module.info.metrics = {}  # the source's metrics describe another network
     save_model(out, module, module.info)
     result = ocula.load(out, device=config.device)
+    val_accuracy = classify.evaluate(result.module, val)["accuracy"] if val is not None else None
     result.summary = _summary(method, model, out, config, seconds, flops(result.module, example), before,
-                              epoch_seconds=epoch_seconds, val_accuracy=classify.evaluate(result.module, val)["accuracy"]
-                              if val is not None else None)
+                              epoch_seconds=epoch_seconds, val_accuracy=val_accuracy)
     return result
 
 
@@ -273,16 +273,16 @@ def _int8(source, path, out, data, data_dir, config, start):
     from ocula.compression.quantize import quantize_int8
     from ocula.tasks import classify
 
+    val = None
+    if source.info.task == "classify":  # calibrate on the images left after the hold-out, then score the hold-out
+        data, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
+                                              config.seed)
     inputs = source.task.calibration_inputs(source.module, data, data_dir, config.calibration, config.seed)
     quantize_int8(copy.deepcopy(source.module).cpu(), inputs, out)
     seconds = time.perf_counter() - start
     result = ocula.load(out, device="cpu")
     before = flops(source.module, torch.from_numpy(inputs[0][:1]))
-    val_accuracy = None
-    if source.info.task == "classify":
-        _, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
-                                           config.seed)
-        val_accuracy = classify.evaluate(result.module, val)["accuracy"] if val is not None else None
+    val_accuracy = classify.evaluate(result.module, val)["accuracy"] if val is not None else None
     result.summary = _summary("int8", path, out, config, seconds, before, before, epoch_seconds=None,
                               val_accuracy=val_accuracy)
     return result

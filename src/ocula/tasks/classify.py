@@ -520,11 +520,12 @@ def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: 
             for src, p, (_, steps) in zip(sources, probs, prepared)]
 
 
-def calibration_inputs(model, data: str, data_dir, n: int, seed: int) -> list[np.ndarray]:
-    """A seeded sample of `n` training images as input batches, for int8 calibration (`ocula compress`)."""
+def calibration_inputs(model, data, data_dir, n: int, seed: int) -> list[np.ndarray]:
+    """A seeded sample of `n` training images (of dataset `data`, or an ImageSet such as the part left after the
+    validation hold-out) as input batches, for int8 calibration (`ocula compress`)."""
     from ocula.compression.quantize import sample
 
-    images = load_data(data, "train", data_dir).images
+    images = (data if isinstance(data, ImageSet) else load_data(data, "train", data_dir)).images
     x = to_tensor(images[np.sort(sample(len(images), n, seed))]).numpy()
     return [x[i:i + 32] for i in range(0, len(x), 32)]
 
