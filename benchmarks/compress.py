@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, per_item_us, record  # noqa: E402
 
 import ocula  # noqa: E402
-from ocula.compression import METHODS  # noqa: E402
+from ocula.compression import METHODS, QUANTIZED  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.export.onnx import onnx_session  # noqa: E402
 from ocula.tasks import classify  # noqa: E402
@@ -36,6 +36,7 @@ from ocula.tasks import classify  # noqa: E402
 WIDTHS = {"mnist": [16, 32, 64], "cifar10": [16, 32, 64], "digits": [16, 32]}  # digits: a quick check
 # Targets from the issue, against the uncompressed model of the same run.
 TARGETS = {"int8": "ORT >= 2x faster, >= 3.5x smaller, <= 0.5 point loss",
+           "qat": "as int8",
            "structured": "half the FLOPs, >= 1.5x faster, <= 1 point loss",
            "distill": ">= 1 point above the student trained alone",
            "tucker": ">= 2x faster on the factorised layers, <= 1 point loss",
@@ -47,6 +48,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="mnist", choices=list(WIDTHS))
     ap.add_argument("--data-dir")
+    ap.add_argument("--widths", type=int, nargs="+", help="the baseline cnn's stage widths (default: per dataset, "
+                    f"{WIDTHS})")
     ap.add_argument("--epochs", type=int, default=3, help="baseline and student training epochs")
     ap.add_argument("--finetune", type=int, default=1, help="fine-tuning epochs after pruning, factorising, "
                     "binarizing")
@@ -57,6 +60,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     args = ap.parse_args()
+    args.widths = args.widths or WIDTHS[args.dataset]
 
     # Every compression reloads the training split; decode it once (CIFAR-10 is 50k JPEGs).
     registry.load = functools.lru_cache(maxsize=4)(registry.load)
@@ -68,17 +72,17 @@ def main():
         tmp = Path(tmp)
         start = time.perf_counter()
         base = ocula.train(args.dataset, "cnn", runs_dir=tmp, data_dir=args.data_dir, progress=False,
-                           widths=WIDTHS[args.dataset], epochs=args.epochs, lr=args.lr, **fast)
+                           widths=args.widths, epochs=args.epochs, lr=args.lr, **fast)
         with open(base.run_dir / "metrics.csv", newline="") as f:
             base_epoch = sum(float(r["train_seconds"]) for r in csv.DictReader(f)) / args.epochs
-        notes.append(f"baseline: cnn widths {WIDTHS[args.dataset]}, {args.epochs} epochs (AdamW one-cycle lr "
+        notes.append(f"baseline: cnn widths {args.widths}, {args.epochs} epochs (AdamW one-cycle lr "
                      f"{args.lr}, batch {args.batch_size}, bf16 autocast, channels-last, {args.threads} training "
                      f"threads), {time.perf_counter() - start:.0f} s; the checkpoint with the best validation loss")
         base_path = base.path
         results = {"baseline": score(base_path, test, tmp, base_epoch)}
         for method in args.methods:
             for name, settings in runs(method, args):
-                out = tmp / f"{name}{'.onnx' if method == 'int8' else '.ocula'}"
+                out = tmp / f"{name}{'.onnx' if method in QUANTIZED else '.ocula'}"
                 model = ocula.compress(base_path, method, out, data_dir=args.data_dir, progress=False,
                                        lr=args.lr if method == "distill" else args.finetune_lr, **fast, **settings)
                 results[name] = score(out, test, tmp, model.summary["epoch_seconds"], model.summary)
@@ -100,6 +104,8 @@ def runs(method: str, args) -> list[tuple[str, dict]]:
         return [("distill", dict(epochs=args.epochs)), ("student-alone", dict(epochs=args.epochs, alpha=0.0))]
     if method == "int8":
         return [("int8", {})]
+    if method == "qat":
+        return [("qat", dict(epochs=args.finetune))]
     return [(method, dict(epochs=args.finetune))]
 
 
@@ -221,9 +227,10 @@ def verdicts(results: dict, dataset: str) -> list[str]:
                 "(weights)")
 
     out = []
-    if "int8" in results:
-        out.append(f"int8 ({TARGETS['int8']}): {speedup('int8'):.2f}x / {speedup('int8', 2):.2f}x faster in ORT at "
-                   f"1 / 2 threads, {smaller('int8')} smaller, {points('int8'):+.2f} points")
+    for name in QUANTIZED:
+        if name in results:
+            out.append(f"{name} ({TARGETS[name]}): {speedup(name):.2f}x / {speedup(name, 2):.2f}x faster in ORT at "
+                       f"1 / 2 threads, {smaller(name)} smaller, {points(name):+.2f} points")
     if "structured" in results:
         s = results["structured"]["summary"]
         torch_speedup = base["torch_ms"] / results["structured"]["torch_ms"]

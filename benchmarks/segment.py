@@ -347,31 +347,40 @@ def bench_ablation(args) -> str:
     sigtuple, zheng = cross_data(args)
     sig_test = limited(segment_train.decode(registry.load("wbc-sigtuple", "patches", args.data_dir)), args)
     zheng_test = limited(segment_train.decode(zheng), args)
+    seeds = range(args.seed, args.seed + args.seeds)
     rows, sigtuple_models = [], {}
     for variant in args.variants:
         settings = recipe(variant)
         # SigTuple is binary, with no nucleus class: variants differing only in `binary` or `anchor` share its model.
         key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor")))
         if key not in sigtuple_models:
-            sigtuple_models[key] = fit_on([sigtuple], args, settings)
-        s_model, s_seconds = sigtuple_models[key]
-        z_model, z_seconds = fit_on([zheng], args, settings)
+            sigtuple_models[key] = [fit_on([sigtuple], args, settings, seed) for seed in seeds]
+        s_fits = sigtuple_models[key]
+        z_fits = [fit_on([zheng], args, settings, seed) for seed in seeds]
+
+        def pooled(fits, pairs, **kwargs) -> str:
+            """Per-image Dice pooled over the seeds' models, then each seed's mean."""
+            per_seed = [cell_dice(model, pairs, **kwargs)[0] for model, _ in fits]
+            return f"{mean_std(np.concatenate(per_seed))} ({' '.join(f'{np.mean(s):.3f}' for s in per_seed)})"
+
         cells = []
-        for model, pairs in ((s_model, zheng_test), (z_model, sig_test)):
+        for fits, pairs in ((s_fits, zheng_test), (z_fits, sig_test)):
             for known in (False, True):
-                cells.append(mean_std(cell_dice(model, pairs, known_scale=known)[0]) if known or
-                             model.info.preprocess["cell_diameter"] else "(no scale set)")
+                cells.append(pooled(fits, pairs, known_scale=known) if known or
+                             fits[0][0].info.preprocess["cell_diameter"] else "(no scale set)")
         if variant in args.flip_variants:
-            flipped = [mean_std(cell_dice(m, p, known_scale=True, flips=True)[0])
-                       for m, p in ((s_model, zheng_test), (z_model, sig_test))]
+            flipped = [pooled(fits, pairs, known_scale=True, flips=True)
+                       for fits, pairs in ((s_fits, zheng_test), (z_fits, sig_test))]
         else:
             flipped = ["", ""]
-        log(f"ablation {variant}: S->Z {cells[:2]} Z->S {cells[2:]} flips {flipped}; {s_seconds:.0f} + "
-            f"{z_seconds:.0f} s")
-        rows.append([variant, *cells[:2], flipped[0], *cells[2:], flipped[1], f"{s_seconds:.0f} / {z_seconds:.0f}"])
+        seconds = [np.mean([sec for _, sec in fits]) for fits in (s_fits, z_fits)]
+        log(f"ablation {variant}: S->Z {cells[:2]} Z->S {cells[2:]} flips {flipped}; {seconds[0]:.0f} + "
+            f"{seconds[1]:.0f} s")
+        rows.append([variant, *cells[:2], flipped[0], *cells[2:], flipped[1], f"{seconds[0]:.0f} / {seconds[1]:.0f}"])
     table = markdown_table(["variant", "SigTuple -> Zheng, scale assumed", "scale known", "+ flips",
                             "Zheng -> SigTuple, scale assumed", "scale known", "+ flips", "train s (S / Z)"], rows)
-    return table + (f"\n\nPer-image whole-cell Dice (mean ± std) of a 'unet' trained on all of one dataset (10% "
+    return table + (f"\n\nPer-image whole-cell Dice (mean ± std, pooled over {args.seeds} training seed(s); in "
+                    "brackets each seed's mean) of a 'unet' trained on all of one dataset (10% "
                     f"held out for selection) and tested on the other: Zheng Dataset 1's {len(zheng_test)} images, "
                     f"SigTuple's {len(sig_test)} patches. Short runs for the comparison: up to {args.epochs} epochs "
                     f"of {args.crops} crops, patience {args.patience}. 'Scale known' resamples the test images "
@@ -455,7 +464,7 @@ def main():
                     help="ablation: the recipe variants to train and score")
     ap.add_argument("--flip-variants", nargs="*", default=["scale", "recipe"],
                     help="ablation: variants also scored with test-time flips (4x the inference)")
-    ap.add_argument("--seeds", type=int, default=1, help="cross: training seeds per model, from --seed")
+    ap.add_argument("--seeds", type=int, default=1, help="cross, ablation: training seeds per model, from --seed")
     ap.add_argument("--out", default="benchmarks/out/segment-cross", help="cross: folder for the worst overlays")
     ap.add_argument("--quick", action="store_true", help="1 fold, 2 epochs of 8 crops, few test images; no record")
     args = ap.parse_args()

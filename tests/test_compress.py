@@ -1,15 +1,18 @@
 """Each compression method on a small cnn trained on the 8x8 digits: the file shrinks as claimed, accuracy is kept,
 the written file loads and predicts as the compressed module did, and bad input is a one-line error."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import ocula
-from ocula.compression import distillation_loss, CompressConfig
+from ocula.compression import QUANTIZED, distillation_loss, CompressConfig
 from ocula.compression.layers import BinaryConv2d, binarize, make_layer
 from ocula.compression.lowrank import _initialise
+from ocula.compression.quantize import FakeInt8, quantize_int8, simulate_int8, strip_simulation
 from ocula.data import registry
 from ocula.engine.trainer import TrainConfig
 from ocula.errors import OculaError
@@ -36,7 +39,7 @@ def test_images():
 
 
 def compressed(base, tmp_path, method, **settings):
-    suffix = ".onnx" if method == "int8" else ".ocula"
+    suffix = ".onnx" if method in QUANTIZED else ".ocula"
     model = ocula.compress(base[0], method, tmp_path / f"{method}{suffix}", progress=False, device="cpu",
                            **{"epochs": 4, "lr": 3e-3, **settings})
     return model, model.evaluate()["accuracy"]
@@ -144,6 +147,46 @@ def test_int8_onnx_is_smaller_loads_and_agrees_with_float(base, tmp_path, test_i
 
     served = load_served([model.path])["int8"]
     assert served.runtime == "onnx" and served.model.predict(np.zeros((8, 8)))[0].name in model.info.classes
+
+
+def test_qat_fine_tunes_through_int8_rounding_into_an_int8_onnx(base, tmp_path, test_images):
+    model, accuracy = compressed(base, tmp_path, "qat", calibration=256, epochs=2)
+    s = model.summary
+    assert s["method"] == "qat" and s["epoch_seconds"] > 0 and s["bytes"] < 0.6 * s["source_bytes"]
+    assert model.path.suffix == ".onnx" and accuracy >= base[1] - 0.02
+
+
+def test_simulated_int8_rounds_weights_as_onnx_runtime_does(base, tmp_path, test_images):
+    import onnx
+    from onnx import numpy_helper
+
+    float_model = ocula.load(base[0], device="cpu").module
+    sim = simulate_int8(copy.deepcopy(float_model))
+    layers = {n: m for n, m in sim.named_modules() if isinstance(m, FakeInt8)}
+    assert len(layers) == 5 and not any(isinstance(m, nn.BatchNorm2d) for m in sim.modules())  # 4 convs folded
+    sim.train()
+    with torch.no_grad():  # a training pass sets the activation ranges; the weights stay as they are
+        sim(test_images[:128])
+    sim.eval()
+    with torch.no_grad():
+        agree = (sim(test_images).argmax(1) == float_model.eval()(test_images).argmax(1)).float().mean()
+    assert agree >= 0.97
+    x = test_images[:8].requires_grad_()
+    sim(x).sum().backward()  # straight through the rounding, to the inputs and to every layer's float weights
+    assert x.grad.abs().sum() > 0 and all(m.layer.weight.grad.abs().sum() > 0 for m in layers.values())
+
+    quantize_int8(strip_simulation(copy.deepcopy(sim)), [test_images[:64].numpy()], tmp_path / "q.onnx")
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for name, layer in layers.items():
+        w = layer.layer.weight.detach()
+        scale = w.abs().amax(dim=tuple(range(1, w.dim()))) / 127
+        ours = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                      -127, 127)
+        q, scale = tensors[f"{name}.weight_quantized"], tensors[f"{name}.weight_scale"]
+        assert q.dtype == np.int8
+        theirs = q.astype(np.float32) * scale.reshape(-1, *[1] * (q.ndim - 1))
+        np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-6)
 
 
 def test_bad_input_is_a_one_line_error(base, tmp_path):

@@ -24,6 +24,7 @@ METHODS = {
     "structured": "filter pruning to a FLOPs budget + fine-tuning: a physically smaller network",
     "distill": "a small cnn student trained from the model (the teacher) with Hinton's distillation loss",
     "int8": "int8 post-training static quantization (ONNX Runtime QDQ, per channel): an .onnx file",
+    "qat": "quantization-aware training: fine-tuning through simulated int8 rounding, then int8: an .onnx file",
     "tucker": "Tucker-2 of the convolutions (SVD of linear layers) + fine-tuning",
     "cp": "CP decomposition of the convolutions (SVD of linear layers) + fine-tuning",
     "bwn": "binary-weight network + fine-tuning, weights stored as 1 bit",
@@ -31,18 +32,19 @@ METHODS = {
 }
 # What `amount` means and its default, per method: the share of weights zeroed, of FLOPs removed, of channels kept
 # as the rank, of the teacher's stage widths the student gets.
+QUANTIZED = ("int8", "qat")  # methods that write an int8 ONNX file
 AMOUNT = {"magnitude": 0.8, "structured": 0.5, "tucker": 0.5, "cp": 0.5, "distill": 0.5}
 
 
 @dataclass
 class CompressConfig:
     amount: float | None = None  # see AMOUNT
-    epochs: int = 2  # fine-tuning (distill: the student's training) epochs; 0: none
+    epochs: int = 2  # fine-tuning (distill: the student's training; qat: simulated int8) epochs; 0: none
     lr: float = 1e-3
     batch_size: int = 128
     temperature: float = 4.0  # distill: softmax temperature
     alpha: float = 0.9  # distill: weight of the soft-target loss
-    calibration: int = 512  # int8: training images that calibrate the activation ranges
+    calibration: int = 512  # int8, qat: training images that calibrate the activation ranges
     val_fraction: float = 0.1
     seed: int = 0
     threads: int = 0
@@ -66,7 +68,7 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     if unknown:
         raise OculaError(f"unknown option(s) for compress: {', '.join(sorted(unknown))}")
     config = CompressConfig(**settings)
-    out, want = Path(out), ".onnx" if method == "int8" else ".ocula"
+    out, want = Path(out), ".onnx" if method in QUANTIZED else ".ocula"
     if out.suffix != want:
         raise OculaError(f"{method} writes a {want} file, not {out.suffix or 'a file without suffix'}", out)
     source = ocula.load(model, device=config.device)
@@ -75,8 +77,8 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     if not data:
         raise OculaError(f"{model} does not name the dataset it was trained on; pass data")
     start = time.perf_counter()
-    if method == "int8":
-        return _int8(source, model, out, data, data_dir, config, start)
+    if method in QUANTIZED:
+        return _int8(source, model, out, data, data_dir, config, start, progress, aware=method == "qat")
     fit, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
                                          config.seed)
     classify._check_fits(source.module, fit)
@@ -263,28 +265,31 @@ def distillation_loss(teacher, config: CompressConfig):
     return loss
 
 
-def _int8(source, path, out, data, data_dir, config, start):
+def _int8(source, path, out, data, data_dir, config, start, progress, aware: bool):
     """Quantize with activation ranges calibrated on `config.calibration` training images, each prepared as the
     task's prediction prepares its input (classifier images, segmentation tiles at the model's scale, letterboxed
-    detector inputs)."""
+    detector inputs). `aware`: first fine-tune a classifier through simulated int8 rounding (FakeInt8)."""
     import torch
 
     import ocula
-    from ocula.compression.quantize import quantize_int8
+    from ocula.compression.quantize import quantize_int8, simulate_int8, strip_simulation
     from ocula.tasks import classify
 
-    val = None
+    module, val, epoch_seconds = copy.deepcopy(source.module), None, None
     if source.info.task == "classify":  # calibrate on the images left after the hold-out, then score the hold-out
         data, val = classify.split_validation(classify.load_data(data, "train", data_dir), config.val_fraction,
                                               config.seed)
-    inputs = source.task.calibration_inputs(source.module, data, data_dir, config.calibration, config.seed)
-    quantize_int8(copy.deepcopy(source.module).cpu(), inputs, out)
+    if aware:
+        module, epoch_seconds = finetune(simulate_int8(module), data, val, config, progress)
+        strip_simulation(module)
+    inputs = source.task.calibration_inputs(module, data, data_dir, config.calibration, config.seed)
+    quantize_int8(module.cpu(), inputs, out)
     seconds = time.perf_counter() - start
     result = ocula.load(out, device="cpu")
     before = flops(source.module, torch.from_numpy(inputs[0][:1]))
     val_accuracy = classify.evaluate(result.module, val)["accuracy"] if val is not None else None
-    result.summary = _summary("int8", path, out, config, seconds, before, before, epoch_seconds=None,
-                              val_accuracy=val_accuracy)
+    result.summary = _summary("qat" if aware else "int8", path, out, config, seconds, before, before,
+                              epoch_seconds=epoch_seconds, val_accuracy=val_accuracy)
     return result
 
 
