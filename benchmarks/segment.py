@@ -280,6 +280,7 @@ VARIANTS = {
     "stain-jitter": dict(cell_diameter=64, augment=lambda: blood_smear_augment(stain_sigma=0.25, stain_bias=0.08,
                                                                                tint=0.3, hue=0.05)),
     "reinhard": dict(cell_diameter=64, stain="reinhard"),
+    "macenko": dict(cell_diameter=64, stain="macenko"),
     "negatives": dict(cell_diameter=64, foreground=0.25),
     "binary": dict(cell_diameter=64, binary=True),
     "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
@@ -388,7 +389,7 @@ def bench_ablation(args) -> str:
                     "assumed' takes them to be at the training images' scale. Variants change the former recipe "
                     "('before': native scale, zoom 0.9-1.1, stain jitter 0.05 / 0.03, hue 0.02, half the crops on a cell) in one "
                     "respect: 'scale' resamples every dataset to 64 px cells; 'scale-aug' adds zoom 0.7-1.4; "
-                    "'stain-jitter' OD-space stain jitter 0.25 / 0.08, RGB tint 0.3 and hue 0.05; 'reinhard' normalises colours; "
+                    "'stain-jitter' OD-space stain jitter 0.25 / 0.08, RGB tint 0.3 and hue 0.05; 'reinhard' normalises colours (L*a*b* statistics), 'macenko' unmixes the two stains and rebuilds each image with the training images' stain colours, amounts and background light; "
                     "'negatives' centres only a quarter of the crops on a cell; 'binary' trains Zheng as whole cells "
                     "(SigTuple is binary already); 'recipe' is the default blood recipe (with the nucleus anchor: "
                     "cross section).")

@@ -9,7 +9,7 @@ from torch import nn
 
 import ocula
 from ocula.data.segmentation import load_mask_folder
-from ocula.data.stain import lab_stats, reinhard, reinhard_target
+from ocula.data.stain import lab_stats, macenko, macenko_target, normalise, reinhard, reinhard_target
 from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
 from ocula.tasks import segment_train
@@ -126,6 +126,38 @@ def test_reinhard_moves_colour_statistics_to_the_target():
     moved = reinhard(yellow, target)
     assert moved.dtype == np.uint8 and moved.shape == yellow.shape
     np.testing.assert_allclose(lab_stats(moved), lab_stats(purple), atol=2.5)
+
+
+def stained_smear(colours, light, amounts, seed=1) -> np.ndarray:
+    """A 64x64 smear made by Beer-Lambert from two stains' OD colours [3, 2] and amounts: six eosin-stained red
+    cells and a white cell whose nucleus takes the nuclear dye, on background `light`."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    nuclear, eosin = np.zeros((64, 64)), np.zeros((64, 64))
+    for _ in range(6):
+        (cy, cx), radius = rng.integers(8, 56, 2), rng.integers(5, 10)
+        eosin[(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] += rng.uniform(0.3, 0.8)
+    nuclear[(yy - 32) ** 2 + (xx - 32) ** 2 < 100] = 1.2
+    eosin[(yy - 32) ** 2 + (xx - 32) ** 2 < 196] += 0.3
+    colours = np.asarray(colours) / np.linalg.norm(colours, axis=0)
+    od = colours @ (np.stack([nuclear, eosin]).reshape(2, -1) * np.asarray(amounts)[:, None])
+    image = np.asarray(light) * np.exp(-od.T) + rng.normal(0, 1, (64 * 64, 3))
+    return image.clip(0, 255).astype(np.uint8).reshape(64, 64, 3)
+
+
+def test_macenko_rebuilds_a_smear_with_the_targets_stains_and_light():
+    ours = [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]  # nuclear dye, eosin: OD per R, G, B
+    theirs = [[0.55, 0.20], [0.60, 0.90], [0.58, 0.38]]
+    target_smear = stained_smear(ours, (250, 250, 250), (1.0, 1.0))
+    other = stained_smear(theirs, (250, 240, 190), (0.7, 1.3))  # other dyes, a yellow lamp, other amounts
+    target = macenko_target([target_smear])
+    assert target["method"] == "macenko" and np.asarray(target["colours"])[0, 0] > 0.5  # the nuclear dye first
+    before = np.abs(other.astype(int) - target_smear).mean()
+    after = np.abs(macenko(other, target).astype(int) - target_smear).mean()
+    assert before > 20 and after < 3
+    assert np.abs(normalise(target_smear, target).astype(int) - target_smear).mean() < 1.5  # its own look kept
+    blank = np.full((16, 16, 3), 245, np.uint8)
+    assert normalise(blank, target) is blank and normalise(other, None) is other
 
 
 def test_stain_tint_casts_one_colour_over_the_image_and_leaves_the_mask():

@@ -15,6 +15,7 @@ from torch import nn
 
 import ocula
 from ocula.data.segmentation import index_mask, load_mask_folder
+from ocula.data.stain import normalise
 from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
 from ocula.tasks import segment_train
@@ -87,6 +88,22 @@ def test_saved_model_predicts_like_the_trained_one(folder, tmp_path):
     x = torch.rand(1, 3, 45, 61) * 255
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_stain_target_is_recorded_and_prediction_normalises_with_it(folder, tmp_path):
+    config = segment_train.default_config("unet", epochs=1, batch_size=4, lr=1e-2, threads=1)
+    model, info, _ = segment_train.fit(load_mask_folder(folder), "unet", config, crop=32, crops_per_epoch=8,
+                                       arch_args=TINY, progress=False, stain="macenko")
+    target = info.preprocess["stain"]
+    assert target["method"] == "macenko" and np.asarray(target["colours"]).shape == (3, 2)
+    image = load_mask_folder(folder)[0][0]
+    as_is = segment_train.predict_probs(model, image, tile=64)
+    normalised = segment_train.predict_probs(model, image, tile=64, stain=target)
+    torch.testing.assert_close(normalised, segment_train.predict_probs(model, normalise(image, target), tile=64))
+    assert not torch.allclose(normalised, as_is)
+    with pytest.raises(ocula.OculaError, match="unknown stain normalisation 'vahadane'"):
+        segment_train.fit(load_mask_folder(folder), "unet", config, crop=32, arch_args=TINY, progress=False,
+                          stain="vahadane")
 
 
 def test_training_beats_the_untrained_model(run, folder):

@@ -38,7 +38,7 @@ LEARNING_RATES = {"unet": 2e-3, "unet-seed": 3e-4}
 # 3000 px; the notes ignore blobs under 500. cell_diameter: the px a white cell spans inside the model; every
 # training image is resampled to it from the median diameter measured on its own masks (SigTuple 63 px, Zheng
 # 75 px), so smears from other microscopes can be brought to the same scale (None: native scale). stain: colour
-# normalisation (None or 'reinhard'); flips: average the prediction over the four flips.
+# normalisation (None, 'reinhard' or 'macenko'); flips: average the prediction over the four flips.
 BLOOD = dict(augment="smear", cell_diameter=64, stain=None, flips=False)
 DATASETS = {"wbc-sigtuple": dict(BLOOD, crop=128, min_area=500),
             "wbc-zheng": dict(BLOOD, crop=96, min_area=0),
@@ -218,10 +218,10 @@ def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25,
     """Probabilities [K, H, W] for an RGB uint8 image of any size, by seamless tiled inference on the image
     stain-normalised to `stain` and resampled by `scale` (the model's cell size over the image's); the
     probabilities come back at the image's own size. `flips` averages the four flipped predictions."""
-    from ocula.data.stain import reinhard
+    from ocula.data.stain import normalise
 
     h, w = image.shape[:2]
-    image = resize(reinhard(image, stain) if stain else image, scale)
+    image = resize(normalise(image, stain), scale)
     x = torch.tensor(image).permute(2, 0, 1).float()  # a copy: decoded images are read-only arrays
     probs = torch.stack([predict_tiled(model, x.flip(f), tile=tile, overlap=overlap, batch_size=batch_size).flip(f)
                          for f in (FLIPS if flips else FLIPS[:1])]).mean(0)
@@ -423,26 +423,28 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
     """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
     (likewise) each epoch; returns (model, info, history).
 
-    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` ('reinhard') normalises
-    colours, `flips` makes prediction average the four flips, `binary` trains whole cells from multi-class masks,
-    `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and background),
-    `anchor` makes prediction keep only objects with a nucleus when the masks have that class (`drop_objects`).
+    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` ('reinhard' or 'macenko')
+    normalises colours, `flips` makes prediction average the four flips, `binary` trains whole cells from
+    multi-class masks, `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and
+    background), `anchor` makes prediction keep only objects with a nucleus when the masks have that class
+    (`drop_objects`).
     `augment` names an AUGMENTS entry or is a factory of paired transforms. The model is the best by val_dice when
     there is a validation set (reloaded from run_dir/best.ocula), the last one otherwise."""
     if isinstance(augment, str) and augment not in AUGMENTS:
         raise OculaError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
-    if stain not in (None, "reinhard"):
-        raise OculaError(f"unknown stain normalisation {stain!r}; choose reinhard or none")
-    from ocula.data.stain import reinhard, reinhard_target
+    from ocula.data.stain import METHODS as STAINS, normalise, stain_target
     from ocula.engine.device import runtime
+
+    if stain not in (None, *STAINS):
+        raise OculaError(f"unknown stain normalisation {stain!r}; choose {', '.join(STAINS)} or none")
 
     if val_set is None and config.monitor.startswith("val_"):
         config = TrainConfig(**{**asdict(config), "monitor": "loss", "mode": "min"})
     sources = _datasets(train_set)
     train, native_px = prepare(sources, cell_diameter_px=cell_diameter, binary=binary)
-    target = reinhard_target(image for image, _ in train) if stain else None
+    target = stain_target(stain, (image for image, _ in train)) if stain else None
     if target:
-        train = Pairs(((reinhard(image, target), mask) for image, mask in train), train.classes)
+        train = Pairs(((normalise(image, target), mask) for image, mask in train), train.classes)
     min_area = max(DATASETS.get(d.name, DEFAULT_SETUP)["min_area"] for d in sources)
     args, info = model_info(train, model_name, crop=crop, dataset="+".join(d.name for d in sources),
                             min_area=min_area, arch_args=arch_args, cell_diameter_px=cell_diameter, stain=target,
@@ -505,8 +507,8 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
           flips: bool | None = None, binary: bool = False):
     """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder), validating on
     cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size, augmentation and the blood
-    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard' or 'none') and `flips` default per
-    dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named U-Net's
+    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard', 'macenko' or 'none') and `flips` default
+    per dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named U-Net's
     arguments (e.g. widths). Returns (model, summary)."""
     run_dir = Path(run_dir)
     dataset = load_data(data, None, data_dir)
@@ -556,14 +558,14 @@ def calibration_inputs(model, data, data_dir, n: int, seed: int) -> list[np.ndar
     a cross-validation fold's training part) as the tiled prediction feeds them (colours normalised, resampled to
     the model's scale), each cut to one tile at a random place."""
     from ocula.compression.quantize import sample
-    from ocula.data.stain import reinhard
+    from ocula.data.stain import normalise
 
     dataset = data if isinstance(data, MaskDataset) else load_data(data, None, data_dir)
     settings = tiling(model.info)
     rng, tile, inputs = np.random.default_rng(seed), settings["tile"], []
     for i in np.sort(sample(len(dataset), n, seed)):
         image = dataset[int(i)][0]
-        image = resize(reinhard(image, settings["stain"]) if settings["stain"] else image, settings["scale"])
+        image = resize(normalise(image, settings["stain"]), settings["scale"])
         y, x = (rng.integers(0, max(1, size - tile) + 1) for size in image.shape[:2])
         inputs.append(np.ascontiguousarray(image[y:y + tile, x:x + tile].transpose(2, 0, 1)[None], np.float32))
     return inputs
