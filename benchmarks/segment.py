@@ -15,7 +15,8 @@ Sections (each recorded in RESULTS.md; `--sections` picks some):
             (fold 0 of each held out), test on each. Per-image whole-cell Dice; overlays of the worst images go to
             --out.
   ablation  What makes it generalise: each variant of the recipe (`--variants`) trained on SigTuple and on Zheng
-            and scored across (SigTuple -> Zheng, Zheng -> SigTuple patches), with and without the known scale.
+            (`--seeds` models each) and scored across (SigTuple -> Zheng, Zheng -> SigTuple patches), with and
+            without the known scale.
 
 Every training holds out 10% of its own training images for checkpoint selection and early stopping, so no test
 image ever steers training. `--quick` (one fold, 2 epochs of 8 crops, a few test images, nothing recorded)

@@ -178,8 +178,9 @@ def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma:
     """Default for stained blood smears: cells have no preferred orientation, so all flips and quarter turns are
     free; plus warps (`scale` is the zoom range) and the colour / stain drift seen between labs, scanners and
     staining batches (`stain_sigma`, `stain_bias`, `tint`: StainJitter's; `hue`: ColorJitter's, in turns). The
-    strong stain defaults are what carried a SigTuple model over to Zheng's yellow smears best (benchmarks/
-    RESULTS.md, 'what makes white-cell segmentation generalise'); a wider zoom did not help."""
+    strong stain defaults score best over both directions between SigTuple and Zheng (3 seeds; benchmarks/
+    RESULTS.md, 'what makes white-cell segmentation generalise'): they carry a SigTuple model over to Zheng's
+    yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
         Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
