@@ -291,3 +291,16 @@ def test_objects_without_a_nucleus_are_dropped():
     kept = segment_train.drop_objects(labels, min_area=0, anchor=2)
     assert (kept[:20, :20] == labels[:20, :20]).all() and not kept[20:, 20:].any()
     assert (segment_train.drop_objects(labels, min_area=0, anchor=None) == labels).all()
+
+
+def test_red_cells_touching_a_white_cell_are_cut_beyond_the_cytoplasms_reach():
+    labels = np.zeros((40, 60), np.int64)
+    labels[2:18, 2:18] = 1  # a white cell: cytoplasm 6 px wide (8.5 px at the corners) around ...
+    labels[8:12, 8:12] = 2  # ... its nucleus
+    labels[4:16, 18:40] = 1  # a red cell painted as cytoplasm, touching it: one component
+    reach = segment_train.nucleus_reach([(None, labels[:, :18])], nucleus=2)
+    assert reach == pytest.approx(np.hypot(6, 6), abs=0.05)  # the white cell's corner
+    kept = segment_train.drop_objects(labels, min_area=0, anchor=2, reach=reach)
+    assert (kept[:, :18] == labels[:, :18]).all()  # the white cell whole
+    assert kept[:, 18:].sum() < 0.1 * labels[:, 18:].sum()  # most of the red cell gone
+    assert (segment_train.drop_objects(labels, min_area=0, anchor=2) == labels).all()  # no reach: one object

@@ -193,21 +193,37 @@ class CropBatches:
 # ------------------------------------------------------------------------------------------------- prediction
 
 
-def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None) -> np.ndarray:
+def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
+                 reach: float | None = None) -> np.ndarray:
     """Labels with every foreground component (8-connected, any class) under `min_area` px set to background (on
     whole smears, specks of stain and platelets that a model trained on WBC patches never saw), and with
     `anchor` (a class index) also every component without a pixel of that class: a white cell has a nucleus, so
-    cytoplasm alone is a red cell painted by a model that has not seen such red cells."""
+    cytoplasm alone is a red cell painted by a model that has not seen such red cells. `reach` (px, with
+    `anchor`) also clears foreground farther than that from the nearest anchor pixel: red cells touching a white
+    cell join its component, but lie beyond the reach of its cytoplasm."""
     if min_area <= 0 and anchor is None:
         return labels
-    from scipy.ndimage import label
+    from scipy.ndimage import distance_transform_edt, label
 
     components, n = label(labels > 0, structure=np.ones((3, 3)))
     drop = np.bincount(components.ravel(), minlength=n + 1) < min_area
     if anchor is not None:
         drop |= np.bincount(components.ravel(), weights=labels.ravel() == anchor, minlength=n + 1) == 0
     drop[0] = False
-    return np.where(drop[components], 0, labels)
+    labels = np.where(drop[components], 0, labels)
+    if anchor is not None and reach and (labels == anchor).any():
+        labels = np.where(distance_transform_edt(labels != anchor) > reach, 0, labels)
+    return labels
+
+
+def nucleus_reach(pairs, nucleus: int) -> float:
+    """How far (px) a white cell's pixels lie from its nucleus in training masks: the 99th percentile over the
+    images with a nucleus of each image's farthest cell pixel."""
+    from scipy.ndimage import distance_transform_edt
+
+    farthest = [distance_transform_edt(mask != nucleus)[mask > 0].max() for _, mask in pairs
+                if (mask == nucleus).any()]
+    return round(float(np.percentile(farthest, 99)), 1)
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
@@ -232,22 +248,24 @@ def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25,
 
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
                    min_area: int = 0, batch_size: int = 8, scale: float = 1.0, stain: dict | None = None,
-                   flips: bool = False, anchor: int | None = None) -> np.ndarray:
+                   flips: bool = False, anchor: int | None = None, reach: float | None = None) -> np.ndarray:
     """Class labels [H, W] (0 = background) for an RGB uint8 image of any size (`predict_probs`), without
-    foreground objects under `min_area` px at the model's scale or without a pixel of class `anchor`."""
+    foreground objects under `min_area` px or farther than `reach` px from class `anchor` (both at the model's
+    scale), or without a pixel of class `anchor`."""
     probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size, scale=scale,
                           stain=stain, flips=flips)
-    return drop_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2), anchor)
+    return drop_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2), anchor,
+                        reach and reach / scale)
 
 
 def tiling(info: ModelInfo, cell_diameter_px: float | None = None) -> dict:
-    """The inference settings a model file records (files written before min_area, stain, flips or anchor existed
-    keep every object, leave colours and do not flip), for images whose cells span `cell_diameter_px` (default:
-    as in the training images)."""
+    """The inference settings a model file records (files written before min_area, stain, flips, anchor or reach
+    existed keep every object, leave colours and do not flip), for images whose cells span `cell_diameter_px`
+    (default: as in the training images)."""
     pre = info.preprocess
     return {"tile": pre["tile"], "overlap": pre["overlap"], "threshold": pre["threshold"],
             "min_area": pre.get("min_area", 0), "stain": pre.get("stain"), "flips": pre.get("flips", False),
-            "anchor": pre.get("anchor"), "scale": scale_for(info, cell_diameter_px)}
+            "anchor": pre.get("anchor"), "reach": pre.get("reach"), "scale": scale_for(info, cell_diameter_px)}
 
 
 def scale_for(info: ModelInfo, cell_diameter_px: float | None) -> float:
@@ -399,6 +417,7 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_ar
     from ocula.models.unet import unet_config
 
     classes = list(train.classes)
+    nucleus = classes.index("nucleus") if anchor and "nucleus" in classes else None
     mean, std = channel_stats(train)
     config = unet_config(model_name)
     args = {**config, "widths": list(config["widths"]), "in_channels": 3,
@@ -410,7 +429,7 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_ar
                   "output": "binary" if len(classes) == 2 else "multiclass", "dataset": dataset,
                   "cell_diameter": cell_diameter_px, "training_cell_diameter": native_px and round(native_px, 1),
                   "stain": stain, "flips": flips,
-                  "anchor": classes.index("nucleus") if anchor and "nucleus" in classes else None}
+                  "anchor": nucleus, "reach": None if nucleus is None else nucleus_reach(train, nucleus)}
     return args, ModelInfo(task="segment", arch="normalized-unet", args=args, classes=classes,
                            preprocess=preprocess, extra={"model": model_name})
 
