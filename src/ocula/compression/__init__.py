@@ -30,9 +30,9 @@ METHODS = {
     "bwn": "binary-weight network + fine-tuning, weights stored as 1 bit",
     "xnor": "XNOR-Net (binary weights and inputs) + fine-tuning, weights stored as 1 bit",
 }
+QUANTIZED = ("int8", "qat")  # methods that write an int8 ONNX file
 # What `amount` means and its default, per method: the share of weights zeroed, of FLOPs removed, of channels kept
 # as the rank, of the teacher's stage widths the student gets.
-QUANTIZED = ("int8", "qat")  # methods that write an int8 ONNX file
 AMOUNT = {"magnitude": 0.8, "structured": 0.5, "tucker": 0.5, "cp": 0.5, "distill": 0.5}
 
 
