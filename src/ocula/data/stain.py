@@ -67,7 +67,8 @@ def stain_colours(od: np.ndarray) -> np.ndarray | None:
     None when too few pixels are stained. The nuclear dye comes first: the one the darkest pixels hold most of
     (nuclei are the darkest things in a smear, whatever colour a lab's dyes give them)."""
     density = np.linalg.norm(od, axis=1)
-    od, density = od[density > STAINED_OD], density[density > STAINED_OD]
+    stained = density > STAINED_OD
+    od, density = od[stained], density[stained]
     if len(od) < 100:
         return None
     plane = np.linalg.eigh(np.cov(od.T))[1][:, [2, 1]]
@@ -82,7 +83,8 @@ def stain_colours(od: np.ndarray) -> np.ndarray | None:
 
 
 def _stains(image: np.ndarray, rng: np.random.Generator) -> tuple | None:
-    """(background light, stain colours, 99th-percentile amount of each stain) of one RGB image."""
+    """(background light, optical density [N, 3], stain colours, 99th-percentile amount of each stain) of one
+    RGB image."""
     background = background_light(image)
     od = optical_density(image, background)
     sample = od[rng.choice(len(od), MAX_PIXELS, replace=False)] if len(od) > MAX_PIXELS else od
@@ -90,14 +92,15 @@ def _stains(image: np.ndarray, rng: np.random.Generator) -> tuple | None:
     if colours is None:
         return None
     amounts = np.linalg.lstsq(colours, sample.T, rcond=None)[0]
-    return background, colours, np.percentile(amounts, 99, axis=1)
+    return background, od, colours, np.percentile(amounts, 99, axis=1)
 
 
 def macenko_target(images) -> dict:
     """The median background light, stain colours and stain amounts over `images` (images without stain are
     skipped)."""
     rng = np.random.default_rng(0)
-    found = [s for s in (_stains(image, rng) for image in images) if s is not None]
+    found = [(light, colours, amounts) for light, _, colours, amounts in
+             filter(None, (_stains(image, rng) for image in images))]
     if not found:
         raise ValueError("no stained pixels in the training images to take the stain colours from")
     background, colours, amounts = (np.median(np.stack(part), axis=0) for part in zip(*found))
@@ -112,8 +115,7 @@ def macenko(image: np.ndarray, target: dict) -> np.ndarray:
     stains = _stains(image, np.random.default_rng(0))
     if stains is None:
         return image
-    background, colours, amounts = stains
-    od = optical_density(image, background)
+    _, od, colours, amounts = stains
     unmixed = np.linalg.lstsq(colours, od.T, rcond=None)[0]
     unmixed *= (np.asarray(target["amounts"]) / np.maximum(amounts, 1e-6))[:, None]
     rebuilt = np.asarray(target["background"]) * np.exp(-(np.asarray(target["colours"]) @ unmixed).T)
