@@ -304,3 +304,4 @@ def test_red_cells_touching_a_white_cell_are_cut_beyond_the_cytoplasms_reach():
     assert (kept[:, :18] == labels[:, :18]).all()  # the white cell whole
     assert kept[:, 18:].sum() < 0.1 * labels[:, 18:].sum()  # most of the red cell gone
     assert (segment_train.drop_objects(labels, min_area=0, anchor=2) == labels).all()  # no reach: one object
+    assert segment_train.nucleus_reach([(None, labels[:, 18:])], nucleus=2) is None  # masks without a nucleus

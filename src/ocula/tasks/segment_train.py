@@ -216,14 +216,14 @@ def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
     return labels
 
 
-def nucleus_reach(pairs, nucleus: int) -> float:
+def nucleus_reach(pairs, nucleus: int) -> float | None:
     """How far (px) a white cell's pixels lie from its nucleus in training masks: the 99th percentile over the
-    images with a nucleus of each image's farthest cell pixel."""
+    images with a nucleus of each image's farthest cell pixel (None when no mask has a nucleus pixel)."""
     from scipy.ndimage import distance_transform_edt
 
     farthest = [distance_transform_edt(mask != nucleus)[mask > 0].max() for _, mask in pairs
                 if (mask == nucleus).any()]
-    return round(float(np.percentile(farthest, 99)), 1)
+    return round(float(np.percentile(farthest, 99)), 1) if farthest else None
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
