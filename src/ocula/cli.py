@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ocula.compression import AMOUNT, METHODS
 
     c = command("compress", cmd_compress, "compress a classifier (pruning, distillation, int8 with or without "
-                "quantization-aware training, low rank or binarization) or any network to int8; writes a new model file and prints its size and FLOPs")
+                "quantization-aware training, low rank or binarization) or any network to int8; writes a new "
+                "model file and prints its size and FLOPs")
     c.add_argument("model")
     c.add_argument("--method", required=True, choices=list(METHODS),
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--amount", type=float, help="magnitude: share of weights zeroed; structured: share of FLOPs "
                    "removed; tucker, cp: rank as a share of channels; distill: student widths as a share of the "
                    f"teacher's (defaults {AMOUNT})")
-    c.add_argument("--epochs", type=int, help="fine-tuning epochs (distill: the student's; qat: through simulated int8; default 2)")
+    c.add_argument("--epochs", type=int, help="fine-tuning epochs (distill: the student's; qat: through simulated "
+                   "int8; default 2)")
     c.add_argument("--lr", type=float)
     c.add_argument("--batch-size", type=int)
     c.add_argument("--temperature", type=float, help="distill: softmax temperature (default 4)")
