@@ -234,7 +234,10 @@ def verdicts(results: dict, dataset: str) -> list[str]:
     if "structured" in results:
         s = results["structured"]["summary"]
         torch_speedup = base["torch_ms"] / results["structured"]["torch_ms"]
-        out.append(f"structured ({TARGETS['structured']}): {s['flops'] / s['source_flops']:.2f} of the FLOPs, "
+        widths = [c.out_channels for c in ocula.load(results["structured"]["path"]).module.modules()
+                  if isinstance(c, torch.nn.Conv2d)]
+        out.append(f"structured ({TARGETS['structured']}): conv widths {widths}, "
+                   f"{s['flops'] / s['source_flops']:.2f} of the FLOPs, "
                    f"{speedup('structured'):.2f}x faster in ORT (1 thread), {torch_speedup:.2f}x in torch, "
                    f"{points('structured'):+.2f} points")
     if "distill" in results and "student-alone" in results:

@@ -67,6 +67,25 @@ def test_structured_pruning_rebuilds_a_physically_smaller_network(base, tmp_path
     assert _onnx_parity(model, tmp_path, test_images) < 1e-3
 
 
+def test_pruning_spares_the_layers_whose_loss_says_they_are_sensitive():
+    from ocula.compression import flops
+    from ocula.compression.pruning import allocate_widths, prune_filters
+    from ocula.models.classifiers import SmallCNN
+
+    model, x = SmallCNN(widths=[16, 32]).eval(), torch.zeros(1, 1, 16, 16)
+    first = "features.0.0"
+
+    def loss(m):  # narrowing the first conv costs much, every other conv a little per channel removed
+        convs = {name: c.out_channels for name, c in m.named_modules() if isinstance(c, nn.Conv2d)}
+        return 10.0 * (convs[first] < 16) + 0.01 * (16 + 16 + 32 + 32 - sum(convs.values()))
+
+    widths = allocate_widths(model, x, 0.4, loss)
+    assert widths[first] == 16 and min(widths.values()) < 16
+    before = flops(model, x)
+    prune_filters(model, widths)
+    assert flops(model, x) <= 0.6 * before
+
+
 @pytest.mark.parametrize("method, rank", [("tucker", 0.5), ("cp", 0.75)])
 def test_low_rank_factorisation_cuts_flops_and_keeps_accuracy(base, tmp_path, test_images, method, rank):
     model, accuracy = compressed(base, tmp_path, method, amount=rank, epochs=6)

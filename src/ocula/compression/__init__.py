@@ -21,7 +21,8 @@ from ocula.errors import OculaError
 
 METHODS = {
     "magnitude": "unstructured magnitude pruning + fine-tuning, stored sparse",
-    "structured": "filter pruning to a FLOPs budget + fine-tuning: a physically smaller network",
+    "structured": "filter pruning to a FLOPs budget, each layer's width from its measured sensitivity, + "
+                  "fine-tuning: a physically smaller network",
     "distill": "a small cnn student trained from the model (the teacher) with Hinton's distillation loss",
     "int8": "int8 post-training static quantization (ONNX Runtime QDQ, per channel): an .onnx file",
     "qat": "quantization-aware training: fine-tuning through simulated int8 rounding, then int8: an .onnx file",
@@ -167,21 +168,23 @@ def _magnitude(model, fit, val, config, out, progress):
 
 
 def _structured(model, fit, val, config, out, progress):
-    """Prune every prunable conv to the same share of its channels, the largest share whose network needs at most
-    (1 - amount) of the FLOPs (bisection), then fine-tune."""
-    from ocula.compression.pruning import prune_filters
+    """Remove whole filters, as many from each conv as its measured sensitivity allows (see allocate_widths),
+    until the network needs at most (1 - amount) of the FLOPs, then fine-tune."""
+    import torch
+    import torch.nn.functional as F
+
+    from ocula.compression.pruning import allocate_widths, prune_filters
     from ocula.tasks import classify
 
-    x = classify.to_tensor(fit.images[:1])
-    budget = (1 - _amount("structured", config)) * flops(model, x)
-    low, high = 0.0, 1.0
-    for _ in range(12):
-        keep = (low + high) / 2
-        trial = copy.deepcopy(model)
-        prune_filters(trial, keep)
-        low, high = (keep, high) if flops(trial, x) <= budget else (low, keep)
-    info = _rebuilt(model, prune_filters(model, low))
-    model.info = info
+    probe = val if val is not None else fit  # the sensitivity's loss: on up to 1024 held-out images
+    x, y = classify.to_tensor(probe.images[:1024]), torch.from_numpy(probe.labels[:1024])
+
+    def probe_loss(m):
+        with torch.no_grad():
+            return float(F.cross_entropy(classify.batched_forward(m, x), y))
+
+    widths = allocate_widths(model, x[:1], _amount("structured", config), probe_loss)
+    model.info = _rebuilt(model, prune_filters(model, widths))
     return finetune(model, fit, val, config, progress)
 
 
