@@ -3,10 +3,11 @@
     python benchmarks/cifar_fast.py levers            # images/s, TFLOP/s and share of the bf16 peak per setting
     python benchmarks/cifar_fast.py train --epochs 8  # the recipe: val (held out from train) and test accuracy
 
-`levers` times the training step of the real trainer (batch 1024; 2 epochs of 2 batches on random images of CIFAR's
-shape; the second epoch is reported, so compilation and the FLOP count are left out). `train` runs `ocula.train("cifar10",
-"airbench")` with 10% of train held out for validation, then scores val and test with and without test-time
-augmentation: the test split is scored once per TTA setting for the final model, never used to choose anything.
+`levers` times the training step of the real trainer (batch 1024; 2 epochs of 2 batches on random images of
+CIFAR's shape; the second epoch is reported, so compilation and the FLOP count are left out). `train` runs
+`ocula.train("cifar10", "airbench")` with 10% of train held out for validation, then scores val and test with and
+without test-time augmentation: the test split is scored once per TTA setting for the final model, never used to
+choose anything.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def levers(args) -> None:
     peak = matmul_peak(torch.device("cpu"), torch.bfloat16) / 1e12
     body = markdown_table(["setting", "images/s", "TFLOP/s", "share of peak", "s per 45k epoch"], rows)
     body += (f"\n\nairbench's network (widths {classify.AIRBENCH_WIDTHS}), the trainer's own step (SGD, lookahead, "
-             f"flip + translate batches prepared in a background thread), {args.threads} threads unless said, bf16 matmul peak "
-             f"{peak:.2f} TFLOP/s (engine.peak). The share of the peak is against the matmul peak of the row's "
-             "precision and thread count.")
+             f"flip + translate batches prepared in a background thread), {args.threads} threads unless said, bf16 "
+             f"matmul peak {peak:.2f} TFLOP/s (engine.peak). The share of the peak is against the matmul peak of the "
+             "row's precision and thread count.")
     record("CIFAR-10 fast: speed levers", body)
 
 
@@ -100,7 +101,8 @@ def train(args) -> None:
              "FLOPs (forward + backward, counted by torch's FlopCounterMode) per second, mean over epochs. "
              "TTA on: mirror and one-pixel shifts, 6 views.")
     body += "\n\nPer epoch (seconds, loss, val accuracy of one view): " + ", ".join(
-        f"{h['epoch']}: {float(h['train_seconds']):.0f} s, {float(h['loss']):.3f}, {float(h.get('val_accuracy') or 'nan'):.4f}"
+        f"{h['epoch']}: {float(h['train_seconds']):.0f} s, {float(h['loss']):.3f}, "
+        f"{float(h.get('val_accuracy') or 'nan'):.4f}"
         for h in history)
     record(f"CIFAR-10 fast: airbench, {args.epochs} epochs{'' if val else ', all 50k'}", body)
 

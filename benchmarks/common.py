@@ -48,7 +48,8 @@ def record(section: str, body: str) -> None:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     entry = (f"## {section}\n\n{datetime.date.today().isoformat()} on {machine()}\n\n`{command}`\n\n{body}\n")
     print("\n" + entry)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n\n"
+    text = (RESULTS.read_text() if RESULTS.exists()
+            else "# Benchmark results\n\nWritten by the scripts in this folder.\n\n")
     pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: entry + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + entry
     RESULTS.write_text(text)

@@ -269,7 +269,8 @@ def choose_thresholds(g, gl, q, ql) -> tuple[dict, float]:
     exact = float((gl[build_index(g, "brute").search(q, 1)[1][:, 0]] != ql).mean())
 
     def ok(rule, m=32, **p):
-        return float((ThreeWayDecisions(m=m, rule=rule, **p).fit(g, gl).predict(q).labels != ql).mean()) <= exact + 0.005
+        errors = ThreeWayDecisions(m=m, rule=rule, **p).fit(g, gl).predict(q).labels != ql
+        return float(errors.mean()) <= exact + 0.005
 
     deltas = {m: next(d for d in (1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 1e9) if ok("twd", m, delta=d))
               for m in GRANULES}

@@ -158,7 +158,8 @@ def test_train_resume_and_rerun_from_the_command_line(tmp_path):
     assert out.returncode == 1 and "lr" in out.stderr and "Traceback" not in out.stderr
     out = run("train", "--config", run_dir / "config.json", "--name", "again", "--runs-dir", runs, "--quiet")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["test_accuracy"] == json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+    recorded = json.loads((run_dir / "summary.json").read_text())
+    assert json.loads(out.stdout)["test_accuracy"] == recorded["test_accuracy"]
     out = run("evaluate", run_dir / "model.ocula", "--device", "cpu", "--out", tmp_path / "eval")
     assert out.returncode == 0, out.stderr
     resumed = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]

@@ -131,7 +131,8 @@ def test_a_classifier_file_initialises_every_layer_but_the_head(pretrained, name
 
 def test_an_encoder_of_another_architecture_is_refused_in_one_line(pretrained):
     files, folder, two_folder = pretrained
-    with pytest.raises(OculaError, match="for airbench takes a classifier of that architecture.*not this cnn classify model"):
+    with pytest.raises(OculaError,
+                       match="for airbench takes a classifier of that architecture.*not this cnn classify model"):
         classify.network(classify.load_data(two_folder, "train"), "airbench", encoder=files["cnn"])
     out = subprocess.run([sys.executable, "-m", "ocula", "train", str(folder), "--model", "svc", "--encoder",
                           str(files["cnn"]), "--runs-dir", str(two_folder.parent / "refused")],

@@ -385,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("train", cmd_train, "train a model; writes runs/<task>/<name>/ (the task follows from the data)")
     c.add_argument("dataset", nargs="?", help="registered name (ocula data list) or a folder: class folders "
                    "(train/<class>/), images/ + masks/, or VOC / COCO / YOLO")
-    c.add_argument("--model", help="classify: cnn (default), svc, airbench (fast CIFAR-10), resnet18, ...; segment: unet (default), "
-                   "unet-seed; detect: fcos (default), faster-rcnn; class folders also: 1nn, knn, map (recognize by "
-                   "nearest neighbours, with --embedder)")
+    c.add_argument("--model", help="classify: cnn (default), svc, airbench (fast CIFAR-10), resnet18, ...; "
+                   "segment: unet (default), unet-seed; detect: fcos (default), faster-rcnn; class folders also: "
+                   "1nn, knn, map (recognize by nearest neighbours, with --embedder)")
     c.add_argument("--config", help="rerun the run recorded in this config.json (other options override it)")
     c.add_argument("--name", help="run name (default DATASET-MODEL)")
     # Unset options keep the task's defaults (e.g. classify: 30 epochs, batch 128, lr 3e-3, one-cycle;

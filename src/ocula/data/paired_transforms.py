@@ -88,7 +88,8 @@ class Affine:
         s = rng.uniform(*self.scale)
         t = rng.uniform(-self.translate, self.translate, size=2) * np.array(shape[:2])
         c, sn = np.cos(angle), np.sin(angle)
-        # forward: out = s R (in - centre) + centre + t; scipy wants the inverse: in = R^T (out - centre - t) / s + centre
+        # forward: out = s R (in - centre) + centre + t;
+        # scipy wants the inverse: in = R^T (out - centre - t) / s + centre
         inv = np.array([[c, sn], [-sn, c]]) / s
         centre = (np.array(shape[:2]) - 1) / 2.0
         return inv, centre - inv @ (centre + t)

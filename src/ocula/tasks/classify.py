@@ -218,7 +218,8 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
         def evaluate_fn(m):
             with single_view(m):
                 logits = batched_forward(m, vx)
-            return {"loss": float(F.cross_entropy(logits, vy)), "accuracy": float((logits.argmax(1) == vy).float().mean())}
+            return {"loss": float(F.cross_entropy(logits, vy)),
+                    "accuracy": float((logits.argmax(1) == vy).float().mean())}
 
     trainer = Trainer(model, config, loss_fn=loss or cross_entropy, train_batches=batches, evaluate_fn=evaluate_fn,
                       info=info, run_dir=run_dir, progress=progress)

@@ -486,7 +486,8 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
     if val_set is not None:
         summary["val_map50_per_nms"] = tune_nms(model, val_set) if is_fcos(model) else {}  # R-CNN keeps 0.5
         summary["val_f1"] = round(tune_score_threshold(model, val_set), 4)
-    summary.update(nms_thresh=model.info.preprocess.get("nms_thresh"), score_thresh=model.info.preprocess["score_thresh"])
+    summary.update(nms_thresh=model.info.preprocess.get("nms_thresh"),
+                   score_thresh=model.info.preprocess["score_thresh"])
     if test_set is not None:
         result = write_evaluation(model, test_set, run_dir, prefix="test-")
         summary.update({f"test_{k}": round(v, 4) for k, v in summary_of(result).items()})
