@@ -130,15 +130,14 @@ def prune_filters(model: nn.Module, widths: dict[str, int]) -> dict[str, dict]:
 
 
 def allocate_widths(model: nn.Module, x: torch.Tensor, remove: float, loss) -> dict[str, int]:
-    """Per-layer widths that remove the `remove` share of the conv and linear FLOPs at the least loss, after Li et al.
-    2017's sensitivity analysis: `loss(m)` (a validation loss) is measured with each prunable conv alone narrowed to
-    each width, then the conv whose next narrowing costs the least loss per FLOP saved is narrowed, until enough
-    FLOPs are gone. Uniform pruning ran slower for its FLOPs: the wide early layers at full resolution dominate the
-    time, and the loss says how much of them the network can spare."""
+    """Per-layer widths that remove the `remove` share of the conv and linear FLOPs at the least loss, after
+    Li et al. 2017's sensitivity analysis: `loss(m)` (a validation loss) is measured with each prunable conv alone
+    narrowed to each candidate width, then the conv whose next narrowing costs the least loss per FLOP saved is
+    narrowed, until enough FLOPs are gone. Uniform pruning ran slower for its FLOPs: the wide early layers at full
+    resolution hold most of the time, and the loss says how much of them the network can spare."""
     chains = channel_chains(model)
     if not chains:
         raise OculaError("no prunable convolution (conv -> batch norm -> ... -> conv) in this model")
-    modules = dict(model.named_modules())
     unit = _flops_per_channel_pair(model, x)
     outs = {name: m.weight.shape[0] for name, m in weights(model)}
     ins = {name: m.weight.shape[1] for name, m in weights(model)}
@@ -168,11 +167,12 @@ def allocate_widths(model: nn.Module, x: torch.Tensor, remove: float, loss) -> d
     return {conv: outs[conv] for conv, _, _ in chains}
 
 
-def _widths(total: int) -> list[int]:
-    """The narrower widths a conv may get: whole blocks of CHANNEL_BLOCK where it has several blocks."""
-    if total >= 2 * CHANNEL_BLOCK:
-        return list(range(CHANNEL_BLOCK, total, CHANNEL_BLOCK))
-    return list(range(1, total))
+def _widths(total: int, most: int = 16) -> list[int]:
+    """The narrower widths a conv may get: whole blocks of CHANNEL_BLOCK where it has several blocks, and at most
+    `most` of them, so the sensitivity analysis costs a bounded number of evaluations per layer."""
+    block = CHANNEL_BLOCK if total >= 2 * CHANNEL_BLOCK else 1
+    step = block * -(-total // (block * most))  # ceil: the fewest whole blocks that keep within `most` widths
+    return list(range(step, total, step))
 
 
 def _flops_per_channel_pair(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -182,7 +182,7 @@ def _flops_per_channel_pair(model: nn.Module, x: torch.Tensor) -> dict[str, int]
         def hook(m, args, out, name=name):
             area = out.shape[-2] * out.shape[-1] if isinstance(m, nn.Conv2d) else 1
             kernel = m.weight[0, 0].numel() if isinstance(m, nn.Conv2d) else 1
-            units[name] = 2 * kernel * area * x.shape[0] // (m.groups if isinstance(m, nn.Conv2d) else 1)
+            units[name] = 2 * kernel * area * x.shape[0]  # weight.shape[1] already counts a group's inputs
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
