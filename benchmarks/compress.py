@@ -8,7 +8,7 @@ same epochs. Inference is per image over a batch of 64 test images, in torch and
 the best of 3 rounds that visit every model in turn.
 
     python benchmarks/compress.py --dataset mnist --widths 32 64 128 --epochs 3 --finetune 1
-    python benchmarks/compress.py --dataset cifar10 --widths 32 64 128 --epochs 10 --finetune 3
+    python benchmarks/compress.py --dataset cifar10 --widths 32 64 128 --epochs 10 --finetune 8
 """
 
 from __future__ import annotations
