@@ -284,6 +284,7 @@ VARIANTS = {
     "macenko": dict(cell_diameter=64, stain="macenko"),
     "negatives": dict(cell_diameter=64, foreground=0.25),
     "binary": dict(cell_diameter=64, binary=True),
+    "red-cells": dict(cell_diameter=64, anchor=True, augment=lambda: blood_smear_augment(red_cells=0.5)),
     "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
 }
 
@@ -399,7 +400,8 @@ def bench_ablation(args) -> str:
                     "rebuilds each image with the training images' stain colours, amounts and background light; "
                     "'negatives' centres only a quarter of the crops on a cell; 'binary' trains Zheng as whole cells "
                     "(SigTuple is binary already); 'recipe' is the default blood recipe (with the nucleus anchor: "
-                    "cross section).")
+                    "cross section); 'red-cells' is the recipe with synthetic red cells drawn on the background "
+                    "of half the crops.")
 
 
 def bench_cross(args) -> str:

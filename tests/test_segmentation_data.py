@@ -7,8 +7,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from ocula.data import registry
-from ocula.data.paired_transforms import (Affine, ColorJitter, Compose, HFlip, Rot90, StainJitter, VFlip,
-                                          blood_smear_augment)
+from ocula.data.paired_transforms import (Affine, ColorJitter, Compose, HFlip, RedCells, Rot90, StainJitter,
+                                          VFlip, blood_smear_augment)
 from ocula.data.segmentation import (Augmented, RandomCrops, folds, kfold_indices, load_isbi2012,
                                      load_mask_folder, load_sigtuple, load_zheng, mask_grid, overlay)
 from ocula.errors import OculaError
@@ -283,6 +283,21 @@ def test_colour_and_stain_touch_image_only():
         assert 0 < np.abs(out.astype(int) - image).mean() < 40
     for t in (ColorJitter(0, 0, 0, 0, p=1), StainJitter(0, 0, p=1)):
         assert np.array_equal(t(image, None, np.random.default_rng(0))[0], image)  # exact round trips
+
+
+def test_red_cells_darken_only_the_background():
+    image = np.full((96, 96, 3), 230, np.uint8)
+    mask = np.zeros((96, 96), np.uint8)
+    mask[32:64, 32:64] = 2  # a white cell on top of whatever is drawn
+    out, m = RedCells(count=12, p=1)(image, mask, np.random.default_rng(0))
+    assert m is mask and out.dtype == np.uint8
+    assert np.array_equal(out[mask > 0], image[mask > 0])
+    darker = (out.astype(int) < image).any(axis=2) & (mask == 0)
+    assert 0.05 < darker.mean() < 0.95  # discs, not a wash over the whole background
+    assert (out <= image).all()  # light is absorbed, never added
+    again, _ = RedCells(count=12, p=1)(image, mask, np.random.default_rng(0))
+    assert np.array_equal(out, again)
+    assert RedCells(p=1)(image, None, np.random.default_rng(0))[0] is image  # nothing to keep the cells off
 
 
 def test_compose_is_repeatable_and_handles_no_mask():

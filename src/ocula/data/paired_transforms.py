@@ -174,17 +174,56 @@ class StainJitter:
         return _to_uint8(np.exp(-od) * 256.0 - 1.0), mask
 
 
+@dataclass(frozen=True)
+class RedCells:
+    """Red blood cells drawn on the background as negatives: discs without a nucleus, thicker at the rim than at
+    the centre, of random size, shape and stain colour, added in optical density (light passes through the red
+    cell and the slide) where the mask is background, so a white cell stays on top. Images cropped around one
+    white cell (Zheng's) show few red cells, and a model that has seen none paints another lab's as cytoplasm.
+    `diameter` is in px at the blood recipe's scale (64 px white cells; red cells are about half as wide)."""
+
+    diameter: tuple[float, float] = (28.0, 42.0)
+    count: int = 6
+    density: tuple[float, float] = (0.1, 0.6)
+    p: float = 0.5
+
+    def __call__(self, image, mask, rng):
+        if rng.random() >= self.p or image.ndim != 3 or mask is None:
+            return image, mask
+        h, w = mask.shape
+        od = np.zeros((h, w, 3))
+        rows, cols = np.mgrid[:h, :w]
+        for _ in range(int(rng.integers(1, self.count + 1))):
+            radius = rng.uniform(*self.diameter) / 2
+            squash, angle = rng.uniform(0.85, 1.0), rng.uniform(0, np.pi)
+            dy, dx = rows - rng.uniform(0, h), cols - rng.uniform(0, w)
+            u = (dx * np.cos(angle) + dy * np.sin(angle)) / radius
+            v = (dy * np.cos(angle) - dx * np.sin(angle)) / (radius * squash)
+            r = np.hypot(u, v)
+            edge = np.clip((1 - r) * radius / 1.5 + 0.5, 0, 1)  # a 1.5 px soft rim
+            pallor = 1 - rng.uniform(0.3, 0.8) * np.exp(-(r / 0.5) ** 2)
+            # Eosin with some haematoxylin and grey: pink, lilac or grey, as red cells look under other stains.
+            colour = rgb_from_hed[1] + rng.uniform(0, 0.6) * rgb_from_hed[0] + rng.uniform(0, 0.6)
+            od += (rng.uniform(*self.density) * edge * pallor)[..., None] * (colour / np.linalg.norm(colour))
+        od[mask > 0] = 0
+        out = (image.astype(np.float64) + 1.0) * np.exp(-od) - 1.0
+        return _to_uint8(out), mask
+
+
 def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma: float = 0.25,
-                        stain_bias: float = 0.08, tint: float = 0.3, hue: float = 0.05) -> Compose:
+                        stain_bias: float = 0.08, tint: float = 0.3, hue: float = 0.05,
+                        red_cells: float = 0.0) -> Compose:
     """Default for stained blood smears: cells have no preferred orientation, so all flips and quarter turns are
     free; plus warps (`scale` is the zoom range) and the colour / stain drift seen between labs, scanners and
     staining batches (`stain_sigma`, `stain_bias`, `tint`: StainJitter's; `hue`: ColorJitter's, in turns). The
     strong stain defaults score best over both directions between SigTuple and Zheng (3 seeds; benchmarks/
     RESULTS.md, 'what makes white-cell segmentation generalise'): they carry a SigTuple model over to Zheng's
-    yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help."""
+    yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help. `red_cells`: the share of
+    images that get RedCells."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
         Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
+        *([RedCells(p=red_cells)] if red_cells else []),
         ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=hue, p=0.8),
         StainJitter(sigma=stain_sigma, bias=stain_bias, tint=tint, p=0.5),
     ])
