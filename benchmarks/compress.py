@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--finetune", type=int, default=1, help="fine-tuning epochs after pruning, factorising, "
                     "binarizing")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--amount", nargs="+", default=[], metavar="METHOD=AMOUNT",
+                    help="a method's amount instead of its default (ocula.compression.AMOUNT), e.g. structured=0.55")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
@@ -61,6 +63,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     args = ap.parse_args()
     args.widths = args.widths or WIDTHS[args.dataset]
+    args.amount = {m: float(a) for m, a in (item.split("=") for item in args.amount)}
 
     # Every compression reloads the training split; decode it once (CIFAR-10 is 50k JPEGs).
     registry.load = functools.lru_cache(maxsize=4)(registry.load)
@@ -95,18 +98,19 @@ def main():
                            "file MB", "x smaller", "weights MB", "x smaller", "MFLOPs/img", "test accuracy",
                            "points vs baseline", "load avg"], rows)
     body += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    record(f"Compression: {args.dataset} cnn (benchmarks/compress.py)", body)
+    subset = "" if args.methods == list(METHODS) and not args.amount else f", {' '.join(args.methods)}"
+    record(f"Compression: {args.dataset} cnn{subset} (benchmarks/compress.py)", body)
 
 
 def runs(method: str, args) -> list[tuple[str, dict]]:
     """The compressions to make for `method`: distillation also trains the student alone for comparison."""
+    amount = {"amount": args.amount[method]} if method in args.amount else {}
     if method == "distill":
-        return [("distill", dict(epochs=args.epochs)), ("student-alone", dict(epochs=args.epochs, alpha=0.0))]
+        return [("distill", dict(epochs=args.epochs, **amount)),
+                ("student-alone", dict(epochs=args.epochs, alpha=0.0, **amount))]
     if method == "int8":
         return [("int8", {})]
-    if method == "qat":
-        return [("qat", dict(epochs=args.finetune))]
-    return [(method, dict(epochs=args.finetune))]
+    return [(method, dict(epochs=args.finetune, **amount))]
 
 
 def score(path: Path, test, tmp: Path, epoch_seconds, summary: dict | None = None) -> dict:
