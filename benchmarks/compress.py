@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, per_item_us, record  # noqa: E402
 
 import ocula  # noqa: E402
-from ocula.compression import METHODS, QUANTIZED  # noqa: E402
+from ocula.compression import AMOUNT, METHODS, QUANTIZED  # noqa: E402
 from ocula.data import registry  # noqa: E402
 from ocula.export.onnx import onnx_session  # noqa: E402
 from ocula.tasks import classify  # noqa: E402
@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--teacher", help="distill from this architecture trained in the run with its own recipe "
+                    "(e.g. airbench; default: the baseline cnn)")
+    ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     args = ap.parse_args()
@@ -81,12 +84,21 @@ def main():
         notes.append(f"baseline: cnn widths {args.widths}, {args.epochs} epochs (AdamW one-cycle lr "
                      f"{args.lr}, batch {args.batch_size}, bf16 autocast, channels-last, {args.threads} training "
                      f"threads), {time.perf_counter() - start:.0f} s; the checkpoint with the best validation loss")
-        base_path = base.path
+        base_path = teacher = base.path
         results = {"baseline": score(base_path, test, tmp, base_epoch)}
+        if args.teacher and "distill" in args.methods:
+            start = time.perf_counter()
+            trained = ocula.train(args.dataset, args.teacher, runs_dir=tmp, name="teacher", data_dir=args.data_dir,
+                                  progress=False, epochs=args.teacher_epochs, seed=args.seed, threads=args.threads)
+            teacher = trained.path
+            notes.append(f"teacher: {args.teacher}, {args.teacher_epochs} epochs with its own recipe, "
+                         f"{time.perf_counter() - start:.0f} s, test accuracy "
+                         f"{trained.summary['test_accuracy']:.4f}")
         for method in args.methods:
             for name, settings in runs(method, args):
                 out = tmp / f"{name}{'.onnx' if method in QUANTIZED else '.ocula'}"
-                model = ocula.compress(base_path, method, out, data_dir=args.data_dir, progress=False,
+                source = teacher if method == "distill" else base_path
+                model = ocula.compress(source, method, out, data_dir=args.data_dir, progress=False,
                                        lr=args.lr if method == "distill" else args.finetune_lr, **fast, **settings)
                 results[name] = score(out, test, tmp, model.summary["epoch_seconds"], model.summary)
         time_inference(results, x)
@@ -99,15 +111,17 @@ def main():
                            "points vs baseline", "load avg"], rows)
     body += "\n\n" + "\n".join(f"- {n}" for n in notes)
     subset = "" if args.methods == list(METHODS) and not args.amount else f", {' '.join(args.methods)}"
+    subset += f", teacher {args.teacher}" if args.teacher else ""
     record(f"Compression: {args.dataset} cnn{subset} (benchmarks/compress.py)", body)
 
 
 def runs(method: str, args) -> list[tuple[str, dict]]:
     """The compressions to make for `method`: distillation also trains the student alone for comparison."""
     amount = {"amount": args.amount[method]} if method in args.amount else {}
-    if method == "distill":
-        return [("distill", dict(epochs=args.epochs, **amount)),
-                ("student-alone", dict(epochs=args.epochs, alpha=0.0, **amount))]
+    if method == "distill":  # the student: the baseline's widths scaled by amount, whichever the teacher
+        share = args.amount.get("distill", AMOUNT["distill"])
+        student = dict(epochs=args.epochs, widths=[max(1, round(w * share)) for w in args.widths])
+        return [("distill", student), ("student-alone", dict(student, alpha=0.0))]
     if method == "int8":
         return [("int8", {})]
     return [(method, dict(epochs=args.finetune, **amount))]

@@ -139,6 +139,14 @@ def test_distillation_trains_a_smaller_student(base, tmp_path):
     assert accuracy > 0.85
 
 
+def test_distillation_from_any_classifier_needs_the_students_widths(base, tmp_path):
+    teacher, _ = compressed(base, tmp_path, "tucker")  # a 'compressed' network: no cnn widths to scale
+    with pytest.raises(OculaError, match="give the student's widths"):
+        compressed((teacher.path,), tmp_path, "distill", epochs=1)
+    student, accuracy = compressed((teacher.path,), tmp_path, "distill", epochs=10, batch_size=32, widths=[8, 8])
+    assert student.info.arch == "cnn" and student.info.args["widths"] == [8, 8] and accuracy > 0.6  # chance: 0.1
+
+
 def test_distillation_loss_is_hinton_kd():
     teacher = nn.Linear(4, 3)
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])

@@ -124,7 +124,7 @@ def cmd_export(args):
 def cmd_compress(args):
     import ocula
 
-    settings = {k: getattr(args, k) for k in ("amount", "epochs", "lr", "batch_size", "temperature", "alpha",
+    settings = {k: getattr(args, k) for k in ("amount", "widths", "epochs", "lr", "batch_size", "temperature", "alpha",
                                               "calibration", "seed", "threads", "device", "bf16", "channels_last")
                 if getattr(args, k) is not None}
     model = ocula.compress(args.model, args.method, args.out, data=args.data, data_dir=args.data_dir,
@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--amount", type=float, help="magnitude: share of weights zeroed; structured: share of FLOPs "
                    "removed; tucker, cp: rank as a share of channels; distill: student widths as a share of the "
                    f"teacher's (defaults {AMOUNT})")
+    c.add_argument("--widths", type=int, nargs="+", help="distill: the student cnn's stage widths (needed when the "
+                   "teacher is not a cnn)")
     c.add_argument("--epochs", type=int, help="fine-tuning epochs (distill: the student's; qat: through simulated "
                    "int8; default 2)")
     c.add_argument("--lr", type=float)

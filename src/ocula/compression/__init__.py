@@ -23,7 +23,8 @@ METHODS = {
     "magnitude": "unstructured magnitude pruning + fine-tuning, stored sparse",
     "structured": "filter pruning to a FLOPs budget, each layer's width from its measured sensitivity, + "
                   "fine-tuning: a physically smaller network",
-    "distill": "a small cnn student trained from the model (the teacher) with Hinton's distillation loss",
+    "distill": "a small cnn student trained from the model (the teacher, any classifier) with Hinton's "
+               "distillation loss",
     "int8": "int8 post-training static quantization (ONNX Runtime QDQ, per channel): an .onnx file",
     "qat": "quantization-aware training: fine-tuning through simulated int8 rounding, then int8: an .onnx file",
     "tucker": "Tucker-2 of the convolutions (SVD of linear layers) + fine-tuning",
@@ -40,6 +41,7 @@ AMOUNT = {"magnitude": 0.8, "structured": 0.5, "tucker": 0.5, "cp": 0.5, "distil
 @dataclass
 class CompressConfig:
     amount: float | None = None  # see AMOUNT
+    widths: list[int] | None = None  # distill: the student cnn's stage widths (default: amount x a cnn teacher's)
     epochs: int = 2  # fine-tuning (distill: the student's training; qat: simulated int8) epochs; 0: none
     lr: float = 1e-3
     batch_size: int = 128
@@ -234,22 +236,27 @@ def _binary(binary_inputs: bool):
 
 
 def _distill(teacher, fit, val, config, out, progress):
-    """A cnn student with `amount` times the teacher's stage widths, trained from scratch on the softened
-    outputs of the teacher (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    """A cnn student with `widths` (or `amount` times a cnn teacher's stage widths), trained from scratch on the
+    softened outputs of the teacher (Hinton et al. 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) *
+    CE. The teacher sees each augmented batch the student sees, in one view (its test-time views switched off)."""
     from ocula.engine.device import runtime
     from ocula.models import build
     from ocula.tasks import classify
 
-    if teacher.info.arch != "cnn":
-        raise OculaError(f"distill trains a cnn student from a cnn teacher; this teacher is {teacher.info.arch}")
-    widths = [max(1, round(w * _amount("distill", config))) for w in teacher.info.args["widths"]]
-    args = classify.cnn_args(fit, widths=widths)
+    widths = config.widths
+    if widths is None:
+        if teacher.info.arch != "cnn":
+            raise OculaError(f"distill: give the student's widths; a {teacher.info.arch} teacher has no cnn widths "
+                             "to scale")
+        widths = [max(1, round(w * _amount("distill", config))) for w in teacher.info.args["widths"]]
+    args = classify.cnn_args(fit, widths=list(widths))
     with runtime(seed=config.seed):  # the seed alone picks the student's initial weights
         student = build("cnn", **args)
     student.info = classify.model_info(fit, "cnn", args)
     student.info.preprocess["dataset"] = teacher.info.preprocess["dataset"]
     teacher.eval().requires_grad_(False)
-    return finetune(student, fit, val, config, progress, loss=distillation_loss(teacher, config))
+    with classify.single_view(teacher):
+        return finetune(student, fit, val, config, progress, loss=distillation_loss(teacher, config))
 
 
 def distillation_loss(teacher, config: CompressConfig):
