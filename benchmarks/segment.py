@@ -271,20 +271,20 @@ def bench_large(args) -> str:
 
 # The recipe before issue 14: native scale, mild zoom and stain jitter, half the crops centred on a cell.
 MILD_STAIN = dict(stain_sigma=0.05, stain_bias=0.03, tint=0.0, hue=0.02)
-BEFORE = dict(augment=lambda: blood_smear_augment(scale=(0.9, 1.1), **MILD_STAIN), cell_diameter=None, stain=None,
+BEFORE = dict(augment=lambda _: blood_smear_augment(scale=(0.9, 1.1), **MILD_STAIN), cell_diameter=None, stain=None,
               flips=False, foreground=0.5, binary=False, anchor=False)
 # Each variant changes BEFORE in one respect (on top of the 64 px scale once that is measured to help).
 VARIANTS = {
     "before": {},
     "scale": dict(cell_diameter=64),
-    "scale-aug": dict(cell_diameter=64, augment=lambda: blood_smear_augment(scale=(0.7, 1.4), **MILD_STAIN)),
-    "stain-jitter": dict(cell_diameter=64, augment=lambda: blood_smear_augment(stain_sigma=0.25, stain_bias=0.08,
+    "scale-aug": dict(cell_diameter=64, augment=lambda _: blood_smear_augment(scale=(0.7, 1.4), **MILD_STAIN)),
+    "stain-jitter": dict(cell_diameter=64, augment=lambda _: blood_smear_augment(stain_sigma=0.25, stain_bias=0.08,
                                                                                tint=0.3, hue=0.05)),
     "reinhard": dict(cell_diameter=64, stain="reinhard"),
     "macenko": dict(cell_diameter=64, stain="macenko"),
     "negatives": dict(cell_diameter=64, foreground=0.25),
     "binary": dict(cell_diameter=64, binary=True),
-    "red-cells": dict(cell_diameter=64, anchor=True, augment=lambda: blood_smear_augment(red_cells=0.5)),
+    "red-cells": dict(cell_diameter=64, anchor=True, augment=lambda _: blood_smear_augment(red_cells=0.5)),
     "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
 }
 

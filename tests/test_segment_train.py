@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import ocula
+from ocula.data.paired_transforms import RedCells
 from ocula.data.segmentation import index_mask, load_mask_folder
 from ocula.data.stain import normalise
 from ocula.modelfile import ModelInfo, save_model
@@ -305,3 +306,23 @@ def test_red_cells_touching_a_white_cell_are_cut_beyond_the_cytoplasms_reach():
     assert kept[:, 18:].sum() < 0.1 * labels[:, 18:].sum()  # most of the red cell gone
     assert (segment_train.drop_objects(labels, min_area=0, anchor=2) == labels).all()  # no reach: one object
     assert segment_train.nucleus_reach([(None, labels[:, 18:])], nucleus=2) is None  # masks without a nucleus
+
+
+def test_synthetic_red_cells_only_for_training_images_without_red_cells():
+    rng = np.random.default_rng(0)
+    pale = segment_train.Pairs([smear(rng, 64, 64) for _ in range(5)], ("background", "cell"))
+    draw = RedCells(count=12, density=(0.6, 0.6), p=1)
+    crowded = segment_train.Pairs([draw(image, mask, rng) for image, mask in pale], pale.classes)
+    assert segment_train.pale_background(pale) and not segment_train.pale_background(crowded)
+    assert "RedCells" in repr(segment_train.smear_augment(pale))
+    assert "RedCells" not in repr(segment_train.smear_augment(crowded))
+    grey = segment_train.Pairs([(image[..., 0], mask) for image, mask in pale], pale.classes)
+    assert not segment_train.pale_background(grey)  # stain densities need colour
+
+
+@pytest.mark.parametrize("name, folder, pale", [("wbc-zheng", "wbc_zheng2018", True),
+                                                ("wbc-sigtuple", "wbc_sigtuple", False)])
+def test_zheng_crops_have_a_pale_background_and_sigtuple_smears_red_cells(name, folder, pale):
+    need(DATASETS / folder)
+    pairs, _ = segment_train.prepare(segment_train.load_data(name), cell_diameter_px=64)
+    assert segment_train.pale_background(pairs) is pale
