@@ -279,7 +279,7 @@ VARIANTS = {
     "scale": dict(cell_diameter=64),
     "scale-aug": dict(cell_diameter=64, augment=lambda _: blood_smear_augment(scale=(0.7, 1.4), **MILD_STAIN)),
     "stain-jitter": dict(cell_diameter=64, augment=lambda _: blood_smear_augment(stain_sigma=0.25, stain_bias=0.08,
-                                                                               tint=0.3, hue=0.05)),
+                                                                                 tint=0.3, hue=0.05)),
     "reinhard": dict(cell_diameter=64, stain="reinhard"),
     "macenko": dict(cell_diameter=64, stain="macenko"),
     "negatives": dict(cell_diameter=64, foreground=0.25),
