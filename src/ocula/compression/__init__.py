@@ -75,7 +75,7 @@ def compress(model: str | Path, method: str, out: str | Path, *, data: str | Non
     if out.suffix != want:
         raise OculaError(f"{method} writes a {want} file, not {out.suffix or 'a file without suffix'}", out)
     source = ocula.load(model, device=config.device)
-    _check_compressible(source.module, model, method)
+    _check_compressible(source.module, model, method, config)
     data = str(data or source.info.preprocess.get("dataset") or "")
     if not data:
         raise OculaError(f"{model} does not name the dataset it was trained on; pass data")
@@ -119,7 +119,7 @@ def flops(module, x) -> int:
     return int(counter.get_total_flops())
 
 
-def _check_compressible(module, path, method: str) -> None:
+def _check_compressible(module, path, method: str, config: CompressConfig) -> None:
     from ocula.compression.pruning import weights
 
     if hasattr(module, "session") or not weights(module) or module.info.arch == "svc":  # an ONNX file, an SVC
@@ -130,6 +130,9 @@ def _check_compressible(module, path, method: str) -> None:
     if method != "int8" and module.info.task != "classify":
         raise OculaError(f"{method} compresses classifiers (int8 takes any network); this is a "
                          f"{module.info.task} {module.info.arch} model", path)
+    if method == "distill" and config.widths is None and module.info.arch != "cnn":
+        raise OculaError(f"distill: give the student's widths; a {module.info.arch} teacher has no cnn widths to "
+                         "scale", path)
 
 
 def finetune(model, fit, val, config: CompressConfig, progress: bool, loss=None):
@@ -243,12 +246,7 @@ def _distill(teacher, fit, val, config, out, progress):
     from ocula.models import build
     from ocula.tasks import classify
 
-    widths = config.widths
-    if widths is None:
-        if teacher.info.arch != "cnn":
-            raise OculaError(f"distill: give the student's widths; a {teacher.info.arch} teacher has no cnn widths "
-                             "to scale")
-        widths = [max(1, round(w * _amount("distill", config))) for w in teacher.info.args["widths"]]
+    widths = config.widths or [max(1, round(w * _amount("distill", config))) for w in teacher.info.args["widths"]]
     args = classify.cnn_args(fit, widths=list(widths))
     with runtime(seed=config.seed):  # the seed alone picks the student's initial weights
         student = build("cnn", **args)

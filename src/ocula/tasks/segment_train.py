@@ -56,11 +56,13 @@ def pale_background(pairs, od: float = 0.5, share: float = 0.1) -> bool:
     background pixels are `od` or more optical density (summed over RGB) darker than that image's brightest
     background (its 99th percentile). Zheng's crops, cut tight around one white cell on a pale yellow field, have
     3 % such pixels; SigTuple's smears, crowded with red cells, 53 %."""
+    from ocula.data.stain import background_light, optical_density
+
     shares = []
     for image, mask in pairs:
-        background = image[mask == 0].astype(np.float64) + 1.0
+        background = image[mask == 0]
         if image.ndim == 3 and len(background):
-            darker = np.log(np.maximum(np.percentile(background, 99, axis=0) / background, 1.0)).sum(1)
+            darker = optical_density(background, background_light(background)).sum(1)
             shares.append(np.mean(darker >= od))
     return bool(shares) and float(np.median(shares)) < share
 
