@@ -30,13 +30,14 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def image_grid(images, titles, path: str | Path, *, value_max: float = 255.0, cols: int = 8, title: str = "",
-               cmap: str = "gray_r") -> Path:
-    """A grid of grayscale (or RGB) images with a caption each, like the source document's show_image."""
+               cmap: str = "gray_r", inches: float = 1.3) -> Path:
+    """A grid of grayscale (or RGB) images with a caption each, like the source document's show_image; `inches`:
+    the width of one panel (wider for large images)."""
     plt = pyplot()
     n = max(len(images), 1)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(inches * cols, inches * 1.15 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, t in zip(axes.flat, images, titles):

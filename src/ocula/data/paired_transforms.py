@@ -175,16 +175,43 @@ class StainJitter:
 
 
 @dataclass(frozen=True)
+class BackgroundShift:
+    """Moves a crop's content by up to `shift` x its size and fills the strip it uncovers with the crop's own
+    background light (the 99th percentile of its background pixels), labelled background. A crop cut tight around
+    one white cell (Zheng's) then has room around it for the red cells drawn after this."""
+
+    shift: float = 0.5
+    p: float = 0.5
+
+    def __call__(self, image, mask, rng):
+        if rng.random() >= self.p or image.ndim != 3 or mask is None or not (mask == 0).any():
+            return image, mask
+        out = np.empty_like(image)
+        out[:] = np.percentile(image[mask == 0], 99, axis=0).astype(image.dtype)
+        moved = np.zeros_like(mask)
+        src, dst = [], []
+        for n in mask.shape:
+            d = int(round(rng.uniform(-self.shift, self.shift) * n))
+            src.append(slice(max(0, -d), min(n, n - d)))
+            dst.append(slice(max(0, d), min(n, n + d)))
+        out[dst[0], dst[1]] = image[src[0], src[1]]
+        moved[dst[0], dst[1]] = mask[src[0], src[1]]
+        return out, moved
+
+
+@dataclass(frozen=True)
 class RedCells:
     """Red blood cells drawn on the background as negatives: discs without a nucleus, thicker at the rim than at
     the centre, of random size, shape and stain colour, added in optical density (light passes through the red
     cell and the slide) where the mask is background, so a white cell stays on top. Images cropped around one
     white cell (Zheng's) show few red cells, and a model that has seen none paints another lab's as cytoplasm.
-    `diameter` is in px at the blood recipe's scale (64 px white cells; red cells are about half as wide)."""
+    `diameter` is in px at the blood recipe's scale (64 px white cells; red cells are about half as wide); `lilac`:
+    the largest share of haematoxylin mixed into a red cell's eosin colour."""
 
     diameter: tuple[float, float] = (28.0, 42.0)
     count: int = 6
     density: tuple[float, float] = (0.1, 0.6)
+    lilac: float = 0.6
     p: float = 0.5
 
     def __call__(self, image, mask, rng):
@@ -203,7 +230,7 @@ class RedCells:
             edge = np.clip((1 - r) * radius / 1.5 + 0.5, 0, 1)  # a 1.5 px soft rim
             pallor = 1 - rng.uniform(0.3, 0.8) * np.exp(-(r / 0.5) ** 2)
             # Eosin with some haematoxylin and grey: pink, lilac or grey, as red cells look under other stains.
-            colour = rgb_from_hed[1] + rng.uniform(0, 0.6) * rgb_from_hed[0] + rng.uniform(0, 0.6)
+            colour = rgb_from_hed[1] + rng.uniform(0, self.lilac) * rgb_from_hed[0] + rng.uniform(0, 0.6)
             od += (rng.uniform(*self.density) * edge * pallor)[..., None] * (colour / np.linalg.norm(colour))
         od[mask > 0] = 0
         out = (image.astype(np.float64) + 1.0) * np.exp(-od) - 1.0
