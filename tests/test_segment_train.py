@@ -308,6 +308,20 @@ def test_red_cells_touching_a_white_cell_are_cut_beyond_the_cytoplasms_reach():
     assert segment_train.nucleus_reach([(None, labels[:, 18:])], nucleus=2) is None  # masks without a nucleus
 
 
+def test_a_speck_of_nucleus_anchors_no_white_cell():
+    labels = np.zeros((40, 60), np.int64)
+    labels[2:18, 2:18] = 1  # a white cell: cytoplasm around ...
+    labels[6:12, 6:12] = 2  # ... a 36 px nucleus
+    labels[22:38, 30:58] = 1  # a red cell painted as cytoplasm ...
+    labels[29:31, 40:42] = 2  # ... with a 4 px nucleus speck on its rim
+    piece = segment_train.nucleus_piece([(None, labels[:20, :20])], nucleus=2)
+    assert piece == 18  # half the training masks' nuclei
+    kept = segment_train.drop_objects(labels, min_area=0, anchor=2, reach=30, anchor_area=piece)
+    assert (kept[:20, :20] == labels[:20, :20]).all() and not kept[20:].any()
+    assert (segment_train.drop_objects(labels, min_area=0, anchor=2, reach=30) == labels).all()  # any speck anchors
+    assert segment_train.nucleus_piece([(None, labels[:20, 20:])], nucleus=2) == 0  # masks without a nucleus
+
+
 def test_synthetic_red_cells_only_for_training_images_without_red_cells():
     rng = np.random.default_rng(0)
     pale = segment_train.Pairs([smear(rng, 64, 64) for _ in range(5)], ("background", "cell"))

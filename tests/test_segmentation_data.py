@@ -7,8 +7,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from ocula.data import registry
-from ocula.data.paired_transforms import (Affine, ColorJitter, Compose, HFlip, RedCells, Rot90, StainJitter,
-                                          VFlip, blood_smear_augment)
+from ocula.data.paired_transforms import (Affine, BackgroundShift, ColorJitter, Compose, HFlip, RedCells, Rot90,
+                                          StainJitter, VFlip, blood_smear_augment)
 from ocula.data.segmentation import (Augmented, RandomCrops, folds, kfold_indices, load_isbi2012,
                                      load_mask_folder, load_sigtuple, load_zheng, mask_grid, overlay)
 from ocula.errors import OculaError
@@ -298,6 +298,24 @@ def test_red_cells_darken_only_the_background():
     again, _ = RedCells(count=12, p=1)(image, mask, np.random.default_rng(0))
     assert np.array_equal(out, again)
     assert RedCells(p=1)(image, None, np.random.default_rng(0))[0] is image  # nothing to keep the cells off
+
+
+def test_background_shift_moves_image_and_mask_together_onto_background_light():
+    rng = np.random.default_rng(0)
+    image = rng.integers(200, 230, (64, 80, 3)).astype(np.uint8)  # a noisy pale background ...
+    mask = np.zeros((64, 80), np.uint8)
+    mask[20:40, 30:50] = 2
+    image[mask > 0] = (90, 40, 120)  # ... and a dark cell
+    out, moved = BackgroundShift(shift=0.5, p=1)(image, mask, np.random.default_rng(3))
+    assert out.shape == image.shape and moved.shape == mask.shape and (moved > 0).sum() > 0
+    assert (out[moved > 0] == (90, 40, 120)).all() and (moved[(out == (90, 40, 120)).all(axis=2)] == 2).all()
+    assert not np.array_equal(moved, mask)  # it moved
+    light = np.percentile(image[mask == 0], 99, axis=0).astype(np.uint8)
+    fill = ((out == light).all(axis=2) & (moved == 0)).mean()
+    assert fill > 0.05  # the uncovered strip holds the background light, labelled background
+    full = np.ones_like(mask)
+    assert BackgroundShift(p=1)(image, full, np.random.default_rng(0))[0] is image  # no background to fill with
+    assert BackgroundShift(p=1)(image, None, np.random.default_rng(0))[0] is image
 
 
 def test_compose_is_repeatable_and_handles_no_mask():

@@ -246,11 +246,11 @@ def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma:
     strong stain defaults score best over both directions between SigTuple and Zheng (3 seeds; benchmarks/
     RESULTS.md, 'what makes white-cell segmentation generalise'): they carry a SigTuple model over to Zheng's
     yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help. `red_cells`: the share of
-    images that get RedCells."""
+    crops moved by a BackgroundShift, and the share (drawn apart) that get up to 12 RedCells."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
         Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
-        *([RedCells(p=red_cells)] if red_cells else []),
+        *([BackgroundShift(p=red_cells), RedCells(count=12, p=red_cells)] if red_cells else []),
         ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=hue, p=0.8),
         StainJitter(sigma=stain_sigma, bias=stain_bias, tint=tint, p=0.5),
     ])

@@ -68,9 +68,11 @@ def pale_background(pairs, od: float = 0.5, share: float = 0.1) -> bool:
 
 
 def smear_augment(pairs) -> Compose:
-    """The blood recipe's augmentation, with synthetic red cells on half the crops when the training images have a
-    pale background: a Zheng-trained model had seen no red cells and painted SigTuple's as cytoplasm (Dice 0.65 ->
-    0.74 over 3 seeds with them), while SigTuple, whose smears have red cells, lost accuracy on Zheng with them."""
+    """The blood recipe's augmentation, with synthetic red cells when the training images have a pale background.
+    A Zheng-trained model had seen no red cells and painted SigTuple's and BCCD's as cytoplasm; it finds BCCD's
+    white cells (F1, 3 seeds, benchmarks/segment.py's third domain) 0.01 without red cells, 0.18 with up to 6 on
+    half the crops, 0.57 with up to 12 after a BackgroundShift gives them room around Zheng's tight crops (and
+    prediction's nucleus pieces). SigTuple, whose smears have red cells, loses with them: 0.95 -> 0.85."""
     return blood_smear_augment(red_cells=0.5 if pale_background(pairs) else 0.0)
 
 
@@ -219,13 +221,14 @@ class CropBatches:
 
 
 def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
-                 reach: float | None = None) -> np.ndarray:
+                 reach: float | None = None, anchor_area: int = 0) -> np.ndarray:
     """Labels with every foreground component (8-connected, any class) under `min_area` px set to background (on
     whole smears, specks of stain and platelets that a model trained on WBC patches never saw), and with
-    `anchor` (a class index) also every component without a pixel of that class: a white cell has a nucleus, so
-    cytoplasm alone is a red cell painted by a model that has not seen such red cells. `reach` (px, with
-    `anchor`) also clears foreground farther than that from the nearest anchor pixel: red cells touching a white
-    cell join its component, but lie beyond the reach of its cytoplasm."""
+    `anchor` (a class index) also every component without a piece of that class of `anchor_area` px or more: a
+    white cell has a nucleus, so cytoplasm alone is a red cell painted by a model that has not seen such red cells,
+    and a few nucleus pixels on a platelet or a red cell's rim are no nucleus. `reach` (px, with `anchor`) also
+    clears foreground farther than that from the nearest such nucleus: red cells touching a white cell join its
+    component, but lie beyond the reach of its cytoplasm."""
     if min_area <= 0 and anchor is None:
         return labels
     from scipy.ndimage import distance_transform_edt, label
@@ -233,11 +236,15 @@ def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
     components, n = label(labels > 0, structure=np.ones((3, 3)))
     drop = np.bincount(components.ravel(), minlength=n + 1) < min_area
     if anchor is not None:
-        drop |= np.bincount(components.ravel(), weights=labels.ravel() == anchor, minlength=n + 1) == 0
+        nuclei = labels == anchor
+        if anchor_area > 0:
+            pieces, k = label(nuclei, structure=np.ones((3, 3)))
+            nuclei &= (np.bincount(pieces.ravel(), minlength=k + 1) >= anchor_area)[pieces] & (pieces > 0)
+        drop |= np.bincount(components.ravel(), weights=nuclei.ravel(), minlength=n + 1) == 0
     drop[0] = False
     labels = np.where(drop[components], 0, labels)
-    if anchor is not None and reach and (labels == anchor).any():
-        labels = np.where(distance_transform_edt(labels != anchor) > reach, 0, labels)
+    if anchor is not None and reach and nuclei.any():
+        labels = np.where(distance_transform_edt(~nuclei) > reach, 0, labels)
     return labels
 
 
@@ -249,6 +256,18 @@ def nucleus_reach(pairs, nucleus: int) -> float | None:
     farthest = [distance_transform_edt(mask != nucleus)[mask > 0].max() for _, mask in pairs
                 if (mask == nucleus).any()]
     return round(float(np.percentile(farthest, 99)), 1) if farthest else None
+
+
+def nucleus_piece(pairs, nucleus: int) -> int:
+    """The smallest nucleus piece (px) prediction takes as a white cell's: half the 1st percentile of the areas of
+    the nucleus pieces (8-connected; a lobed nucleus comes in several) in the training masks. Zheng's at the
+    blood recipe's scale: 190 px and up, so 117 px; the specks a model trained on them paints on platelets and
+    red cells' rims elsewhere are a few tens."""
+    from scipy.ndimage import label
+
+    areas = [a for _, mask in pairs
+             for a in np.bincount(label(mask == nucleus, structure=np.ones((3, 3)))[0].ravel())[1:]]
+    return int(np.percentile(areas, 1) / 2) if areas else 0
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both
@@ -273,24 +292,26 @@ def predict_probs(model, image: np.ndarray, *, tile: int, overlap: float = 0.25,
 
 def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25, threshold: float = 0.5,
                    min_area: int = 0, batch_size: int = 8, scale: float = 1.0, stain: dict | None = None,
-                   flips: bool = False, anchor: int | None = None, reach: float | None = None) -> np.ndarray:
+                   flips: bool = False, anchor: int | None = None, reach: float | None = None,
+                   anchor_area: int = 0) -> np.ndarray:
     """Class labels [H, W] (0 = background) for an RGB uint8 image of any size (`predict_probs`), without
-    foreground objects under `min_area` px or farther than `reach` px from class `anchor` (both at the model's
-    scale), or without a pixel of class `anchor`."""
+    foreground objects under `min_area` px or farther than `reach` px from class `anchor`, or without a piece of
+    class `anchor` of `anchor_area` px (all at the model's scale): `drop_objects`."""
     probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size, scale=scale,
                           stain=stain, flips=flips)
     return drop_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(min_area / scale**2), anchor,
-                        reach and reach / scale)
+                        reach and reach / scale, round(anchor_area / scale**2))
 
 
 def tiling(info: ModelInfo, cell_diameter_px: float | None = None) -> dict:
-    """The inference settings a model file records (files written before min_area, stain, flips, anchor or reach
-    existed keep every object, leave colours and do not flip), for images whose cells span `cell_diameter_px`
-    (default: as in the training images)."""
+    """The inference settings a model file records (files written before min_area, stain, flips, anchor, reach or
+    anchor_area existed keep every object, leave colours and do not flip), for images whose cells span
+    `cell_diameter_px` (default: as in the training images)."""
     pre = info.preprocess
     return {"tile": pre["tile"], "overlap": pre["overlap"], "threshold": pre["threshold"],
             "min_area": pre.get("min_area", 0), "stain": pre.get("stain"), "flips": pre.get("flips", False),
-            "anchor": pre.get("anchor"), "reach": pre.get("reach"), "scale": scale_for(info, cell_diameter_px)}
+            "anchor": pre.get("anchor"), "reach": pre.get("reach"), "anchor_area": pre.get("anchor_area", 0),
+            "scale": scale_for(info, cell_diameter_px)}
 
 
 def scale_for(info: ModelInfo, cell_diameter_px: float | None) -> float:
@@ -454,7 +475,8 @@ def model_info(train: Pairs, model_name: str, *, crop: int, dataset: str, min_ar
                   "output": "binary" if len(classes) == 2 else "multiclass", "dataset": dataset,
                   "cell_diameter": cell_diameter_px, "training_cell_diameter": native_px and round(native_px, 1),
                   "stain": stain, "flips": flips,
-                  "anchor": nucleus, "reach": None if nucleus is None else nucleus_reach(train, nucleus)}
+                  "anchor": nucleus, "reach": None if nucleus is None else nucleus_reach(train, nucleus),
+                  "anchor_area": 0 if nucleus is None else nucleus_piece(train, nucleus)}
     return args, ModelInfo(task="segment", arch="normalized-unet", args=args, classes=classes,
                            preprocess=preprocess, extra={"model": model_name})
 
