@@ -71,8 +71,9 @@ def smear_augment(pairs) -> Compose:
     """The blood recipe's augmentation, with synthetic red cells when the training images have a pale background.
     A Zheng-trained model had seen no red cells and painted SigTuple's and BCCD's as cytoplasm; it finds BCCD's
     white cells (F1, 3 seeds, benchmarks/segment.py's third domain) 0.01 without red cells, 0.18 with up to 6 on
-    half the crops, 0.57 with up to 12 after a BackgroundShift gives them room around Zheng's tight crops (and
-    prediction's nucleus pieces). SigTuple, whose smears have red cells, loses with them: 0.95 -> 0.85."""
+    half the crops (0.20 with prediction's nucleus pieces), 0.57 with up to 12 after a BackgroundShift gives them
+    room around Zheng's tight crops (with the pieces). SigTuple, whose smears have red cells, loses with them:
+    0.95 -> 0.85."""
     return blood_smear_augment(red_cells=0.5 if pale_background(pairs) else 0.0)
 
 
@@ -261,8 +262,8 @@ def nucleus_reach(pairs, nucleus: int) -> float | None:
 def nucleus_piece(pairs, nucleus: int) -> int:
     """The smallest nucleus piece (px) prediction takes as a white cell's: half the 1st percentile of the areas of
     the nucleus pieces (8-connected; a lobed nucleus comes in several) in the training masks. Zheng's at the
-    blood recipe's scale: 190 px and up, so 117 px; the specks a model trained on them paints on platelets and
-    red cells' rims elsewhere are a few tens."""
+    blood recipe's scale: 190 px and up, 1st percentile 234, so 117 px; the specks a model trained on them paints
+    on platelets and red cells' rims elsewhere are a few tens."""
     from scipy.ndimage import label
 
     areas = [a for _, mask in pairs
