@@ -452,7 +452,7 @@ def object_boxes(labels: np.ndarray) -> np.ndarray:
     return np.array([[c0, r0, c1, r1] for r0, c0, r1, c1 in (r.bbox for r in regions)], np.float32).reshape(-1, 4)
 
 
-def box_counts(model: Model, pairs, diameter: float) -> tuple[np.ndarray, list]:
+def box_counts(model: Model, pairs, diameter: float) -> tuple[list, list]:
     """Per image (white cells found, objects predicted, WBC boxes, IoUs of the found) with each predicted object
     matched one-to-one to a box by the IoU of its bounding box (>= 0.5, largest object first), at the known scale;
     and the predictions."""
