@@ -186,8 +186,10 @@ class BackgroundShift:
     def __call__(self, image, mask, rng):
         if rng.random() >= self.p or image.ndim != 3 or mask is None or not (mask == 0).any():
             return image, mask
+        from ocula.data.stain import background_light
+
         out = np.empty_like(image)
-        out[:] = np.percentile(image[mask == 0], 99, axis=0).astype(image.dtype)
+        out[:] = background_light(image[mask == 0]).astype(image.dtype)
         moved = np.zeros_like(mask)
         src, dst = [], []
         for n in mask.shape:

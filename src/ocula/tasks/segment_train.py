@@ -221,6 +221,14 @@ class CropBatches:
 # ------------------------------------------------------------------------------------------------- prediction
 
 
+def pieces(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connected pieces of a binary mask (labelled 1..N) and their sizes in px (index 0: the rest)."""
+    from scipy.ndimage import label
+
+    labelled, n = label(binary, structure=np.ones((3, 3)))
+    return labelled, np.bincount(labelled.ravel(), minlength=n + 1)
+
+
 def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
                  reach: float | None = None, anchor_area: int = 0) -> np.ndarray:
     """Labels with every foreground component (8-connected, any class) under `min_area` px set to background (on
@@ -232,16 +240,16 @@ def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
     component, but lie beyond the reach of its cytoplasm."""
     if min_area <= 0 and anchor is None:
         return labels
-    from scipy.ndimage import distance_transform_edt, label
+    from scipy.ndimage import distance_transform_edt
 
-    components, n = label(labels > 0, structure=np.ones((3, 3)))
-    drop = np.bincount(components.ravel(), minlength=n + 1) < min_area
+    components, sizes = pieces(labels > 0)
+    drop = sizes < min_area
     if anchor is not None:
         nuclei = labels == anchor
         if anchor_area > 0:
-            pieces, k = label(nuclei, structure=np.ones((3, 3)))
-            nuclei &= (np.bincount(pieces.ravel(), minlength=k + 1) >= anchor_area)[pieces] & (pieces > 0)
-        drop |= np.bincount(components.ravel(), weights=nuclei.ravel(), minlength=n + 1) == 0
+            nucleus_pieces, nucleus_sizes = pieces(nuclei)
+            nuclei &= (nucleus_sizes >= anchor_area)[nucleus_pieces]
+        drop |= np.bincount(components.ravel(), weights=nuclei.ravel(), minlength=len(sizes)) == 0
     drop[0] = False
     labels = np.where(drop[components], 0, labels)
     if anchor is not None and reach and nuclei.any():
@@ -264,10 +272,7 @@ def nucleus_piece(pairs, nucleus: int) -> int:
     the nucleus pieces (8-connected; a lobed nucleus comes in several) in the training masks. Zheng's at the
     blood recipe's scale: 190 px and up, 1st percentile 234, so 117 px; the specks a model trained on them paints
     on platelets and red cells' rims elsewhere are a few tens."""
-    from scipy.ndimage import label
-
-    areas = [a for _, mask in pairs
-             for a in np.bincount(label(mask == nucleus, structure=np.ones((3, 3)))[0].ravel())[1:]]
+    areas = [a for _, mask in pairs for a in pieces(mask == nucleus)[1][1:]]
     return int(np.percentile(areas, 1) / 2) if areas else 0
 
 
