@@ -300,6 +300,9 @@ VARIANTS = {
                                 augment=lambda _: with_red_cells(RedCells(), shift=True)),
     "shifted-pink-red-cells": dict(cell_diameter=64, anchor=True,
                                    augment=lambda _: with_red_cells(RedCells(count=12, lilac=0.0), shift=True)),
+    "white-balance": dict(cell_diameter=64, anchor=True, augment=segment_train.smear_augment, stain="white"),
+    "tint-0.5": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, tint=0.5)),
+    "lamp": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, lamp=0.5)),
     "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
 }
 
@@ -524,7 +527,11 @@ def bench_bccd(args) -> str:
                     "'shifted-red-cells', a BackgroundShift (the crop's content moved by up to half its size, the "
                     "strip it uncovers filled with its background light) before up to 12 red cells; "
                     "'shifted-6-' and 'shifted-pink-red-cells', the same with up to 6 red cells, and without "
-                    "haematoxylin. Overlays of the images with the most errors, with "
+                    "haematoxylin; 'white-balance', the recipe with each image divided by its own background "
+                    "light, in training and prediction (`--stain white`); 'tint-0.5', the recipe's RGB tint in "
+                    "optical density widened from 0.3 to 0.5; 'lamp', the recipe with half the crops lit by a Lamp "
+                    "(warmth -0.2 to 0.6: blue light dimmed by up to 0.6 OD, green by a fifth of that). Overlays of "
+                    "the images with the most errors, with "
                     f"the WBC boxes drawn: {out}/bccd-*.png.")
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import ocula
 from ocula.data.segmentation import load_mask_folder
-from ocula.data.stain import lab_stats, macenko, macenko_target, normalise, reinhard, reinhard_target
+from ocula.data.stain import lab_stats, macenko, macenko_target, normalise, reinhard, reinhard_target, white_balance
 from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
 from ocula.tasks import segment_train
@@ -158,6 +158,16 @@ def test_macenko_rebuilds_a_smear_with_the_targets_stains_and_light():
     assert np.abs(normalise(target_smear, target).astype(int) - target_smear).mean() < 1.5  # its own look kept
     blank = np.full((16, 16, 3), 245, np.uint8)
     assert normalise(blank, target) is blank and normalise(other, None) is other
+
+
+def test_white_balance_takes_a_yellow_lamp_out_and_keeps_the_stains():
+    stains = [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]
+    white = stained_smear(stains, (250, 250, 250), (1.0, 1.0))
+    yellow = stained_smear(stains, (250, 240, 160), (1.0, 1.0))  # the same smear under Zheng's yellow light
+    assert np.abs(yellow.astype(int) - white).mean() > 20
+    balanced = normalise(yellow, {"method": "white"})
+    assert np.abs(balanced.astype(int) - white_balance(white, {})).mean() < 2.5
+    assert (np.percentile(balanced.reshape(-1, 3), 99, axis=0) >= 254).all()  # the background light is white
 
 
 def test_stain_tint_casts_one_colour_over_the_image_and_leaves_the_mask():

@@ -7,8 +7,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from ocula.data import registry
-from ocula.data.paired_transforms import (Affine, BackgroundShift, ColorJitter, Compose, HFlip, RedCells, Rot90,
-                                          StainJitter, VFlip, blood_smear_augment)
+from ocula.data.paired_transforms import (Affine, BackgroundShift, ColorJitter, Compose, HFlip, Lamp, RedCells,
+                                          Rot90, StainJitter, VFlip, blood_smear_augment)
 from ocula.data.segmentation import (Augmented, RandomCrops, folds, kfold_indices, load_isbi2012,
                                      load_mask_folder, load_sigtuple, load_zheng, mask_grid, overlay)
 from ocula.errors import OculaError
@@ -316,6 +316,17 @@ def test_background_shift_moves_image_and_mask_together_onto_background_light():
     full = np.ones_like(mask)
     assert BackgroundShift(p=1)(image, full, np.random.default_rng(0))[0] is image  # no background to fill with
     assert BackgroundShift(p=1)(image, None, np.random.default_rng(0))[0] is image
+
+
+def test_a_warm_lamp_dims_blue_light_most_and_leaves_the_mask():
+    image = np.full((8, 8, 3), 240, np.uint8)
+    mask = np.eye(8, dtype=np.uint8)
+    warm, kept = Lamp(warmth=(0.5, 0.5), p=1)(image, mask, np.random.default_rng(0))
+    assert kept is mask and (warm == warm[0, 0]).all()
+    r, g, b = warm[0, 0].astype(int)
+    assert r == 240 and 215 < g < 225 and 140 < b < 150  # like Zheng's yellow fields: blue at 0.6 of red
+    cold, _ = Lamp(warmth=(-0.2, -0.2), p=1)(image, mask, np.random.default_rng(0))
+    assert cold[0, 0, 2] == 255 and cold[0, 0, 0] == 240  # a daylight filter: blue up (here clipped)
 
 
 def test_compose_is_repeatable_and_handles_no_mask():

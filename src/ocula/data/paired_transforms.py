@@ -175,6 +175,22 @@ class StainJitter:
 
 
 @dataclass(frozen=True)
+class Lamp:
+    """The colour of the illumination: a halogen lamp or a camera's white balance casts yellow, a daylight filter
+    blue. Adds warmth x (0, 0.2, 1) optical density, so blue light is dimmed most (Zheng's yellow fields pass 0.6
+    of the blue light they pass of red and green: a warmth of 0.5), and a negative warmth turns the image blue."""
+
+    warmth: tuple[float, float] = (-0.2, 0.6)
+    p: float = 0.5
+
+    def __call__(self, image, mask, rng):
+        if rng.random() >= self.p or image.ndim != 3:
+            return image, mask
+        od = rng.uniform(*self.warmth) * np.array([0.0, 0.2, 1.0])
+        return _to_uint8((image.astype(np.float64) + 1.0) * np.exp(-od) - 1.0), mask
+
+
+@dataclass(frozen=True)
 class BackgroundShift:
     """Moves a crop's content by up to `shift` x its size and fills the strip it uncovers with the crop's own
     background light (the 99th percentile of its background pixels), labelled background. A crop cut tight around
@@ -241,18 +257,20 @@ class RedCells:
 
 def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma: float = 0.25,
                         stain_bias: float = 0.08, tint: float = 0.3, hue: float = 0.05,
-                        red_cells: float = 0.0) -> Compose:
+                        red_cells: float = 0.0, lamp: float = 0.0) -> Compose:
     """Default for stained blood smears: cells have no preferred orientation, so all flips and quarter turns are
     free; plus warps (`scale` is the zoom range) and the colour / stain drift seen between labs, scanners and
     staining batches (`stain_sigma`, `stain_bias`, `tint`: StainJitter's; `hue`: ColorJitter's, in turns). The
     strong stain defaults score best over both directions between SigTuple and Zheng (3 seeds; benchmarks/
     RESULTS.md, 'what makes white-cell segmentation generalise'): they carry a SigTuple model over to Zheng's
     yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help. `red_cells`: the share of
-    crops moved by a BackgroundShift, and the share (drawn apart) that get up to 12 RedCells."""
+    crops moved by a BackgroundShift, and the share (drawn apart) that get up to 12 RedCells; `lamp`: the share
+    lit by a Lamp of random warmth."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
         Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
         *([BackgroundShift(p=red_cells), RedCells(count=12, p=red_cells)] if red_cells else []),
         ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=hue, p=0.8),
+        *([Lamp(p=lamp)] if lamp else []),
         StainJitter(sigma=stain_sigma, bias=stain_bias, tint=tint, p=0.5),
     ])

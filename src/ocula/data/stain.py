@@ -3,6 +3,9 @@
 - Reinhard et al. 2001: each image's L*a*b* channels are standardised and given the target's mean and standard
   deviation. Simple, but the statistics mix stain with content: an image filled by one cell is pulled towards
   the colours of images that are mostly background.
+- White balance: each image divided by its own background light (`background_light`), so the lamp's colour and
+  the camera's white balance (Zheng's yellow fields against SigTuple's white ones) no longer reach the model;
+  the stain colours are left as they are.
 - Macenko et al. 2009: light absorbed (optical density, OD) is a sum of two stains' fixed colours weighted by
   their amounts; each image's two stain colours are estimated from its stained pixels, its amounts unmixed, and
   the image rebuilt with the target's stain colours, amounts and background light. Blood stains (azure-eosin:
@@ -122,11 +125,26 @@ def macenko(image: np.ndarray, target: dict) -> np.ndarray:
     return np.clip(rebuilt + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)
 
 
-METHODS = {"reinhard": (reinhard_target, reinhard), "macenko": (macenko_target, macenko)}
+# ------------------------------------------------------------------------------------------------ white balance
+
+
+def white_target(images) -> dict:
+    """White balance needs nothing from the training images: every image is brought to a white background."""
+    return {"method": "white"}
+
+
+def white_balance(image: np.ndarray, target: dict) -> np.ndarray:
+    """`image` (RGB uint8) with each channel scaled so that its background light becomes 255."""
+    light = background_light(image)
+    return np.clip(image * (255.0 / light) + 0.5, 0, 255).astype(np.uint8)
+
+
+METHODS = {"reinhard": (reinhard_target, reinhard), "macenko": (macenko_target, macenko),
+           "white": (white_target, white_balance)}
 
 
 def stain_target(method: str, images) -> dict:
-    """The colour target of `method` ('reinhard' or 'macenko') over the training `images`."""
+    """The colour target of `method` ('reinhard', 'macenko' or 'white') over the training `images`."""
     return METHODS[method][0](images)
 
 

@@ -67,14 +67,14 @@ def pale_background(pairs, od: float = 0.5, share: float = 0.1) -> bool:
     return bool(shares) and float(np.median(shares)) < share
 
 
-def smear_augment(pairs) -> Compose:
+def smear_augment(pairs, **options) -> Compose:
     """The blood recipe's augmentation, with synthetic red cells when the training images have a pale background.
     A Zheng-trained model had seen no red cells and painted SigTuple's and BCCD's as cytoplasm; it finds BCCD's
     white cells (F1, 3 seeds, benchmarks/segment.py's third domain) 0.01 without red cells, 0.18 with up to 6 on
     half the crops (0.20 with prediction's nucleus pieces), 0.57 with up to 12 after a BackgroundShift gives them
     room around Zheng's tight crops (with the pieces). SigTuple, whose smears have red cells, loses with them:
-    0.95 -> 0.85."""
-    return blood_smear_augment(red_cells=0.5 if pale_background(pairs) else 0.0)
+    0.95 -> 0.85. `options` go to blood_smear_augment."""
+    return blood_smear_augment(red_cells=0.5 if pale_background(pairs) else 0.0, **options)
 
 
 # Factories of the training augmentation, given the training pairs at the model's scale.
@@ -495,7 +495,7 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
     """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
     (likewise) each epoch; returns (model, info, history).
 
-    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` ('reinhard' or 'macenko')
+    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` (reinhard, macenko or white)
     normalises colours, `flips` makes prediction average the four flips, `binary` trains whole cells from
     multi-class masks, `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and
     background), `anchor` makes prediction keep only objects with a nucleus when the masks have that class
@@ -580,7 +580,7 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
           flips: bool | None = None, binary: bool = False):
     """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder), validating on
     cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size, augmentation and the blood
-    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard', 'macenko' or 'none') and `flips` default
+    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard', 'macenko', 'white' or 'none') and `flips` default
     per dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named U-Net's
     arguments (e.g. widths). Returns (model, summary)."""
     run_dir = Path(run_dir)
