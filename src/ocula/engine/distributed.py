@@ -12,6 +12,8 @@ function here is the single-process identity.
 from __future__ import annotations
 
 import os
+import pickle
+import time
 from datetime import timedelta
 
 import torch
@@ -47,10 +49,14 @@ def setup(device: torch.device) -> torch.device:
 
 def cleanup(failed: bool = False) -> None:
     """Leave the process group. Ranks that succeeded leave together: one that tears gloo down while a peer still
-    works can abort (SIGABRT) at exit. A failed rank leaves at once; torchrun then stops the others."""
+    works can abort (SIGABRT) at exit. A failed rank leaves at once; torchrun then stops the others.
+
+    On gloo the rendezvous is monitored_barrier (point-to-point, in this thread), not barrier(): gloo's barrier
+    is queued on a worker thread and keeps the previous collectives' tensors until that thread drops it, which
+    can happen during interpreter shutdown, and freeing a Python tensor then aborts the process."""
     if dist.is_initialized():
         if not failed:
-            dist.barrier()
+            dist.monitored_barrier() if dist.get_backend() == "gloo" else dist.barrier()
         dist.destroy_process_group()
 
 
@@ -68,15 +74,30 @@ def agree(values: list[float], device: torch.device) -> list[float]:
     """Sums of `values` over the ranks (one all-reduce), e.g. [loss x n, n, stop flag]."""
     if world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def gather(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
+    """Every rank's `obj`, in rank order, on every rank (pickled; each rank fills its own row of a sum)."""
     if world_size() == 1:
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = torch.zeros(world_size(), dtype=torch.int64, device=device)
+    sizes[rank()] = len(data)
+    sizes = _all_reduce(sizes).tolist()
+    rows = torch.zeros(world_size(), max(sizes), dtype=torch.uint8, device=device)
+    rows[rank(), : len(data)] = data.to(rows.device)
+    rows = _all_reduce(rows).cpu()
+    return [pickle.loads(row[:n].numpy().tobytes()) for row, n in zip(rows, sizes)]
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks in place. Gloo's worker thread still holds `t` for a moment after all_reduce
+    returns; were `t` freed by Python first, that thread would later free its Python object itself, and doing so
+    while the interpreter shuts down aborts the process (SIGABRT). So wait, briefly, until the worker lets go."""
+    dist.all_reduce(t)
+    deadline = time.monotonic() + 5
+    while t.device.type == "cpu" and t._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    return t
