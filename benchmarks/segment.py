@@ -303,7 +303,9 @@ VARIANTS = {
     "white-balance": dict(cell_diameter=64, anchor=True, augment=segment_train.smear_augment, stain="white"),
     "tint-0.5": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, tint=0.5)),
     "lamp": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, lamp=0.5)),
-    "recipe": None,  # the task's default blood recipe (segment_train.BLOOD)
+    "recipe": dict(recipe=True),  # the task's default blood recipe (segment_train.BLOOD)
+    # The recipe with a wider encoder and decoder: the seed's widths, 4x the parameters and FLOPs.
+    "wide": dict(recipe=True, arch_args=dict(widths=(32, 64, 128, 256, 512))),
 }
 
 
@@ -317,11 +319,12 @@ def with_red_cells(red_cells: RedCells, shift: bool = False):
 
 def recipe(variant: str) -> dict:
     """fit() settings of a variant; 'recipe' is whatever segment_train.DATASETS holds for blood today."""
-    if VARIANTS[variant] is None:
+    changes = dict(VARIANTS[variant])
+    if changes.pop("recipe", False):
         blood = segment_train.BLOOD
         return dict(BEFORE, augment=segment_train.AUGMENTS[blood["augment"]], cell_diameter=blood["cell_diameter"],
-                    stain=blood["stain"], flips=blood["flips"], anchor=True)
-    return {**BEFORE, **VARIANTS[variant]}
+                    stain=blood["stain"], flips=blood["flips"], anchor=True, **changes)
+    return {**BEFORE, **changes}
 
 
 def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Model, float]:
@@ -427,7 +430,8 @@ def bench_ablation(args) -> str:
                     "'negatives' centres only a quarter of the crops on a cell; 'binary' trains Zheng as whole cells "
                     "(SigTuple is binary already); 'recipe' is the default blood recipe (with the nucleus anchor: "
                     "cross section); 'red-cells' is the recipe with synthetic red cells drawn on the background "
-                    "of half the crops.")
+                    "of half the crops; 'wide' is the recipe with twice the widths (32-512, the seed's): 4x the "
+                    "parameters and FLOPs.")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
