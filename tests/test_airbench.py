@@ -96,8 +96,8 @@ def test_airbench_trains_a_few_steps_on_synthetic_data(tmp_path):
     x = torch.rand(64, 3, 16, 16, generator=g) * 100 + labels[:, None, None, None] * 100.0  # bright or dark
     model = build("airbench", num_classes=2, widths=[8, 16, 16], mean=[0.4] * 3, std=[0.25] * 3)
     model.init_from_data(x)
-    config = classify.default_config("airbench", epochs=6, batch_size=16, lr=0.2, threads=1, bf16=False,
-                                     channels_last=False)
+    config = classify.default_config("airbench", epochs=10, batch_size=16, lr=0.2, threads=1, bf16=False,
+                                     channels_last=False)  # 6 epochs left 1 in 20 weight seeds below 0.9, 10 none of 30
     batches = FlipTranslateBatches(x, labels, 16, drop_last=True)
     before = [p.detach().clone() for p in model.parameters()]
     info = ModelInfo(task="classify", arch="airbench", args={}, classes=["0", "1"])
