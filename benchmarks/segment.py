@@ -306,6 +306,10 @@ VARIANTS = {
     "recipe": dict(recipe=True),  # the task's default blood recipe (segment_train.BLOOD)
     # The recipe with a wider encoder and decoder: the seed's widths, 4x the parameters and FLOPs.
     "wide": dict(recipe=True, arch_args=dict(widths=(32, 64, 128, 256, 512))),
+    # The recipe started from a masked autoencoder (`pretrained`) of the training images, and of them plus BCCD's
+    # training smears (a third microscope, unlabelled: its validation smears stay unseen for the bccd section).
+    "pretrained": dict(recipe=True, pretrain=False),
+    "pretrained-bccd": dict(recipe=True, pretrain=True),
 }
 
 
@@ -329,19 +333,75 @@ def recipe(variant: str) -> dict:
 
 def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Model, float]:
     """Train 'unet' on one or more datasets, each with its own 10% inner hold-out for selection; the crop is the
-    smallest of the datasets' (a Zheng image is ~100 px)."""
+    smallest of the datasets' (a Zheng image is ~100 px). The seconds include any pretraining."""
     seed = args.seed if seed is None else seed
     parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=seed) for d in sources]
     crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
     config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
                                           early_stopping=args.patience)
-    binary = settings["binary"] or len(sources) > 1  # trained together, the labels they share are whole cells
+    settings = dict(settings, binary=settings["binary"] or len(sources) > 1)  # together they share whole cells
+    start = time.perf_counter()
+    if "pretrain" in settings:
+        with_bccd = settings.pop("pretrain")
+        settings["init"] = pretrained([t for t, _ in parts], args, settings, crop=crop, seed=seed,
+                                      more=bccd_train_images(args, settings["cell_diameter"]) if with_bccd else [])
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
         model, _, _ = segment_train.fit([t for t, _ in parts], "unet", config, val_set=[v for _, v in parts],
                                         crop=crop, crops_per_epoch=args.crops, run_dir=Path(tmp), progress=False,
-                                        **dict(settings, binary=binary))
+                                        **settings)
     return Model(model), time.perf_counter() - start
+
+
+def pretrained(train_sets, args, settings: dict, *, crop: int, seed: int, more=(), blank: float = 0.5,
+               square: int = 16) -> dict:
+    """Weights of a 'unet' trained as a masked autoencoder (inpainting, as in context encoders and MAE) on the
+    training images and the unlabelled images `more`, all at the recipe's cell scale, with its augmentation: a share
+    `blank` of each crop's `square` px squares is set to the training images' mean colour and the network (3
+    outputs) redraws them, scored by the squared error on the blanked pixels in normalised colours. Skip connections
+    cannot copy what is blanked, so the encoder must learn what cells and smears look like around it."""
+    from ocula.engine.device import runtime
+    from ocula.engine.trainer import Trainer
+    from ocula.models import build
+
+    train, _ = segment_train.prepare(train_sets, cell_diameter_px=settings["cell_diameter"],
+                                     binary=settings["binary"])
+    arch, info = segment_train.model_info(train, "unet", crop=crop, dataset="pretraining")
+    images = segment_train.Pairs([*train, *((image, np.zeros(image.shape[:2], np.uint8)) for image in more)],
+                                 train.classes)
+    with runtime(seed=seed):
+        model = build(info.arch, **dict(arch, num_classes=3))
+    config = segment_train.default_config("unet", epochs=args.pretrain_epochs, seed=seed, threads=args.threads,
+                                          monitor="loss", mode="min", early_stopping=0)
+    batches = segment_train.CropBatches(images, crop=crop, batch_size=config.batch_size, foreground=0.0,
+                                        transform=settings["augment"](train), crops=args.crops)
+    mean = torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255
+
+    def loss(m, x, _):
+        hidden = torch.rand(len(x), 1, crop // square, crop // square, device=x.device) < blank
+        hidden = torch.nn.functional.interpolate(hidden.float(), size=x.shape[-2:], mode="nearest")
+        redrawn = m(torch.lerp(x, mean.to(x.device), hidden)).float()
+        target = x * m.scale - m.shift  # the normalised image
+        return ((redrawn - target) ** 2 * hidden).sum() / (3 * hidden.sum()).clamp(min=1)
+
+    history = Trainer(model, config, loss_fn=loss, train_batches=batches, info=info, progress=False).fit()
+    log(f"masked autoencoder on {len(images)} images, seed {seed}: loss {history[0]['loss']:.3f} -> "
+        f"{history[-1]['loss']:.3f} in {len(history)} epochs")
+    return model.state_dict()
+
+
+def bccd_train_images(args, cell_diameter: float) -> list:
+    """BCCD's training smears (unlabelled use) resampled to `cell_diameter` from their WBC boxes' median diameter."""
+    data = registry.load("bccd", "train", args.data_dir)
+    wbc = data.classes.index("WBC")
+    smears = list(data)
+    factor = cell_diameter / median_diameter([target["boxes"][target["labels"] == wbc] for _, target in smears])
+    return [segment_train.resize(image, factor) for image, _ in smears]
+
+
+def median_diameter(boxes) -> float:
+    """Median over a list of box arrays (xyxy) of sqrt(w h), the equivalent diameter of the ellipse a box encloses."""
+    boxes = np.concatenate(boxes)
+    return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
 
 
 ANCHORS = ("reach", "objects", "off")  # what a model with a nucleus class keeps: see bench_cross's note
@@ -431,7 +491,10 @@ def bench_ablation(args) -> str:
                     "(SigTuple is binary already); 'recipe' is the default blood recipe (with the nucleus anchor: "
                     "cross section); 'red-cells' is the recipe with synthetic red cells drawn on the background "
                     "of half the crops; 'wide' is the recipe with twice the widths (32-512, the seed's): 4x the "
-                    "parameters and FLOPs.")
+                    "parameters and FLOPs; 'pretrained' starts the recipe from a masked autoencoder (half of each "
+                    f"crop's 16 px squares blanked and redrawn, {args.pretrain_epochs} epochs of {args.crops} crops "
+                    "with the recipe's augmentation) of the training images, 'pretrained-bccd' of them and BCCD's "
+                    "training smears (unlabelled).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
@@ -442,13 +505,12 @@ UNLABELLED_WBC = {f"BloodImage_{n:05d}" for n in (133, 135, 171, 178, 228, 327)}
 
 def bccd_cells(args) -> tuple[list, float]:
     """BCCD's validation smears (a third microscope, stain and magnification, with boxes only) paired with their WBC
-    boxes, and the boxes' median diameter: sqrt(w h) is the equivalent diameter of the ellipse a box encloses."""
+    boxes, and the boxes' median diameter."""
     data = registry.load("bccd", "val", args.data_dir)
     wbc = data.classes.index("WBC")
     pairs = [(image, target["boxes"][target["labels"] == wbc]) for image, target in data
              if Path(target["path"]).stem not in UNLABELLED_WBC]
-    boxes = np.concatenate([b for _, b in pairs])
-    return limited(pairs, args), float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
+    return limited(pairs, args), median_diameter([b for _, b in pairs])
 
 
 def object_boxes(labels: np.ndarray) -> np.ndarray:
@@ -605,6 +667,7 @@ def main():
     ap.add_argument("--folds", type=int, default=5, help="folds to run, of 5")
     ap.add_argument("--crops", type=int, default=256, help="random training crops per epoch (0 = all)")
     ap.add_argument("--patience", type=int, default=8, help="early stopping patience in epochs")
+    ap.add_argument("--pretrain-epochs", type=int, default=20, help="ablation: masked-autoencoder pretraining epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")

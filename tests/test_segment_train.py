@@ -19,6 +19,7 @@ from ocula.data.segmentation import index_mask, load_mask_folder
 from ocula.data.stain import normalise
 from ocula.modelfile import ModelInfo, save_model
 from ocula.models import build
+from ocula.models.unet import unet_config
 from ocula.tasks import segment_train
 
 from conftest import DATASETS, need
@@ -105,6 +106,19 @@ def test_stain_target_is_recorded_and_prediction_normalises_with_it(folder, tmp_
     with pytest.raises(ocula.OculaError, match="unknown stain normalisation 'vahadane'"):
         segment_train.fit(load_mask_folder(folder), "unet", config, crop=32, arch_args=TINY, progress=False,
                           stain="vahadane")
+
+
+def test_training_starts_from_given_weights_except_those_of_another_shape(folder):
+    """`init` (a pretrained U-Net's state dict) starts the model; its 3-output head cannot fit a 1-output one."""
+    pretrained = build("normalized-unet", **{**unet_config("unet"), **TINY, "num_classes": 3})
+    init = {k: v + 1.0 if v.is_floating_point() else v for k, v in pretrained.state_dict().items()}
+    config = segment_train.default_config("unet", epochs=1, batch_size=4, lr=0.0, weight_decay=0.0, threads=1)
+    model, _, _ = segment_train.fit(load_mask_folder(folder), "unet", config, crop=32, crops_per_epoch=8,
+                                    arch_args=TINY, progress=False, init=init)
+    weights = model.state_dict()
+    torch.testing.assert_close(weights["unet.down.0.conv1.weight"], init["unet.down.0.conv1.weight"])
+    torch.testing.assert_close(weights["unet.up.0.block.conv2.weight"], init["unet.up.0.block.conv2.weight"])
+    assert weights["unet.head.weight"].shape == (1, 4, 1, 1) and init["unet.head.weight"].shape == (3, 4, 1, 1)
 
 
 def test_training_beats_the_untrained_model(run, folder):

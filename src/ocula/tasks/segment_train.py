@@ -491,7 +491,7 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
         crops_per_epoch: int | None = None, run_dir: Path | None = None, resume: bool = False,
         progress: bool = True, arch_args: dict | None = None, cell_diameter: float | None = None,
         stain: str | None = None, flips: bool = False, binary: bool = False, foreground: float = FOREGROUND_CROPS,
-        anchor: bool = True):
+        anchor: bool = True, init: dict | None = None):
     """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
     (likewise) each epoch; returns (model, info, history).
 
@@ -499,7 +499,8 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
     normalises colours, `flips` makes prediction average the four flips, `binary` trains whole cells from
     multi-class masks, `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and
     background), `anchor` makes prediction keep only objects with a nucleus when the masks have that class
-    (`drop_objects`).
+    (`drop_objects`); `init` is a state dict to start from (a pretrained U-Net's: tensors of another shape, such as
+    the head, keep their initialisation).
     `augment` names an AUGMENTS entry or is a factory of paired transforms given the training pairs. The model is
     the best by val_dice when there is a validation set (reloaded from run_dir/best.ocula), the last one
     otherwise."""
@@ -524,6 +525,9 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
                             flips=flips, native_px=native_px, anchor=anchor)
     with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
         model = build(info.arch, **args)
+    if init:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in init.items() if k in own and own[k].shape == v.shape}, strict=False)
     loss = CrossEntropyDiceLoss()  # BCE + Dice for one output channel, softmax CE + Dice for several
     transform = (AUGMENTS[augment] if isinstance(augment, str) else augment)(train)
     batches = CropBatches(train, crop=crop, batch_size=config.batch_size, transform=transform,
