@@ -267,3 +267,9 @@ def test_greedy_match_takes_each_truth_once_in_score_order():
     assert detect.greedy_match(overlap).tolist() == [0, -1, 1]  # row 1's best truth is taken, 0.1 is too low
     assert detect.greedy_match(overlap, iou=0.05).tolist() == [0, 1, -1]
     assert detect.greedy_match(np.zeros((2, 0))).tolist() == [-1, -1]
+
+
+def test_detection_refuses_a_second_moving_average(tmp_path):
+    config = detect.default_config("fcos", ema=0.99)
+    with pytest.raises(OculaError, match="always keeps its own moving average"):
+        detect.fit("fcos", [], None, config, run_dir=tmp_path, minutes=None)

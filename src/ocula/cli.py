@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--optimizer", choices=["adamw", "sgd"])
     c.add_argument("--schedule", choices=["onecycle", "triangle", "cosine", "plateau", "constant"])
     c.add_argument("--label-smoothing", type=float)
+    c.add_argument("--ema", type=float, metavar="DECAY", help="classify, segment: keep and evaluate a moving "
+                   "average of the weights (e.g. 0.99 per step; default off)")
     c.add_argument("--early-stopping", type=int, metavar="PATIENCE")
     c.add_argument("--val-fraction", type=float, help="share of train held out for selection when the data has "
                    "no val split (default 0.1)")

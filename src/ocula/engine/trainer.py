@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ocula.engine.callbacks import Callback, CSVLogger, EarlyStopping, Lookahead, ModelCheckpoint, \
+from ocula.engine.callbacks import EMA, Callback, CSVLogger, EarlyStopping, Lookahead, ModelCheckpoint, \
     ReduceLROnPlateau, TerminateOnNaN
 from ocula.engine import distributed
 from ocula.engine.batches import prefetch
@@ -36,6 +36,7 @@ class TrainConfig:
     warmup: float = 0.15  # one-cycle and triangle: fraction of steps spent warming up
     norm_lr_scale: float = 1.0  # learning-rate factor for normalisation layers' parameters (airbench: 64)
     lookahead: int = 0  # steps between lookahead averages of the weights (airbench: 5); 0 = off
+    ema: float = 0.0  # decay of a moving average of the weights, the model that is evaluated and kept; 0 = off
     label_smoothing: float = 0.0
     seed: int = 0
     monitor: str = "val_accuracy"
@@ -111,6 +112,8 @@ class Trainer:
         self.scaler = grad_scaler(self.device, config.bf16)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
+        # The average's decay ramps up over one horizon (1 / (1 - decay) steps): short runs get averaged too.
+        self.ema = EMA(self.model, decay=config.ema, ramp=1 / (1 - config.ema)) if config.ema else None
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
         self._step_model = self._parallel(self.model)
         self.flops_per_image: float | None = None  # counted on the run's first batch
@@ -132,9 +135,9 @@ class Trainer:
 
     def default_callbacks(self) -> list[Callback]:
         c = self.config
-        cbs: list[Callback] = [TerminateOnNaN()]
+        cbs: list[Callback] = [TerminateOnNaN()] + ([self.ema] if self.ema else [])
         if self.run_dir:
-            cbs += [ModelCheckpoint(self.run_dir / "best.ocula", c.monitor, c.mode),
+            cbs += [ModelCheckpoint(self.run_dir / "best.ocula", c.monitor, c.mode, self.ema),
                     CSVLogger(self.run_dir / "metrics.csv")]
         if c.schedule == "plateau":
             cbs.append(ReduceLROnPlateau(c.monitor, c.mode, c.plateau_factor, c.plateau_patience))
@@ -183,6 +186,11 @@ class Trainer:
 
     def stop(self, reason: str, failed: bool = False) -> None:
         self.stop_reason, self.failed = reason, failed
+
+    @property
+    def kept_model(self) -> torch.nn.Module:
+        """What training produces: the moving average of the weights when there is one, else the weights."""
+        return self.ema.module if self.ema else self.model
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save_model(self, path: Path, logs: dict, module: torch.nn.Module | None = None) -> Path:
@@ -330,7 +338,7 @@ class Trainer:
             if self.evaluate_fn:
                 self.model.eval()
                 with torch.no_grad():
-                    logs.update({f"val_{k}": v for k, v in self.evaluate_fn(self.model).items()})
+                    logs.update({f"val_{k}": v for k, v in self.evaluate_fn(self.kept_model).items()})
             self.history.append(logs)
             self.epoch += 1
             for cb in self.callbacks:

@@ -410,6 +410,9 @@ def fit(model_name: str, train_set, val_set, config: TrainConfig, *, run_dir: Pa
     the last one without validation, history)."""
     from ocula.engine.device import runtime
 
+    if config.ema:
+        raise OculaError("detection always keeps its own moving average of the weights (decay 0.998); --ema is "
+                         "for classify and segment")
     with runtime(seed=config.seed):  # the same initial weights for the same seed, global RNG left alone
         model, args = build_detector(model_name, len(train_set.classes), arch_args, backbone_weights)
     info = model_info(model_name, train_set.classes, args, dataset, input_size)

@@ -549,6 +549,7 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
 
         model = load_model(best, device=config.device)
         return model, model.info, history
+    model = trainer.kept_model
     model.info = info
     return model, info, history
 
