@@ -310,6 +310,10 @@ VARIANTS = {
     # training smears (a third microscope, unlabelled: its validation smears stay unseen for the bccd section).
     "pretrained": dict(recipe=True, pretrain=False),
     "pretrained-bccd": dict(recipe=True, pretrain=True),
+    # The recipe evaluating and keeping a moving average of its weights (flatter minima transfer better: SWAD).
+    "ema": dict(recipe=True, config=dict(ema=0.99)),
+    # The recipe predicting with batch-norm statistics of the other microscope's unlabelled images (AdaBN).
+    "adabn": dict(recipe=True, adapt=True),
 }
 
 
@@ -337,9 +341,10 @@ def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Mode
     seed = args.seed if seed is None else seed
     parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=seed) for d in sources]
     crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
-    config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
-                                          early_stopping=args.patience)
     settings = dict(settings, binary=settings["binary"] or len(sources) > 1)  # together they share whole cells
+    settings.pop("adapt", None)  # a way of predicting, not of training
+    config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
+                                          early_stopping=args.patience, **settings.pop("config", {}))
     start = time.perf_counter()
     if "pretrain" in settings:
         with_bccd = settings.pop("pretrain")
@@ -404,19 +409,61 @@ def median_diameter(boxes) -> float:
     return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
 
 
+class _BatchStatistics(torch.nn.Module):
+    """`model` with its batch norms kept in training mode (normalising by each batch's own statistics and
+    averaging them into the running ones) even when prediction switches it to eval."""
+
+    def __init__(self, model: torch.nn.Module, norms: list):
+        super().__init__()
+        self.model, self.norms = model, norms
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for norm in self.norms:
+            norm.train()
+        return self
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def adapt_batch_norm(model, images: list[np.ndarray], **settings):
+    """AdaBN (Li et al. 2016): a copy of `model` whose batch-norm statistics are those of the unlabelled `images`,
+    seen as prediction with `settings` (`tiling`) sees them; the learned weights stay."""
+    adapted = copy.deepcopy(model)
+    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the running statistics become the average over every batch seen
+    tiles = {k: settings[k] for k in ("tile", "overlap", "scale", "stain", "flips")}
+    for image in images:
+        segment_train.predict_probs(_BatchStatistics(adapted, norms), image, **tiles)
+    return adapted.eval()
+
+
 ANCHORS = ("reach", "objects", "off")  # what a model with a nucleus class keeps: see bench_cross's note
 
 
-def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, anchor: str = "reach"):
+def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, anchor: str = "reach",
+              adapt: bool = False):
     """Per-image whole-cell Dice and predictions; with `known_scale` the images are resampled from the cell
     diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed.
-    `anchor` (one of ANCHORS): 'objects' keeps foreground near no nucleus, 'off' objects without one too."""
+    `anchor` (one of ANCHORS): 'objects' keeps foreground near no nucleus, 'off' objects without one too.
+    `adapt`: each half of the images (even and odd places) is predicted by the model with the batch-norm
+    statistics of the other half, so no image is predicted with statistics it contributed to."""
     diameter = segment_train.cell_diameter(segment_train.whole_cells(pairs)) if known_scale else None
     settings = segment_train.tiling(model.info, diameter)
     settings["flips"] = settings["flips"] if flips is None else flips
     settings["anchor"] = settings["anchor"] if anchor != "off" else None
     settings["reach"] = settings["reach"] if anchor == "reach" else None
-    preds = [segment_train.predict_labels(model.module, image, **settings) for image, _ in pairs]
+    modules = [model.module] * len(pairs)
+    if adapt:
+        halves = [range(0, len(pairs), 2), range(1, len(pairs), 2)]
+        for own, other in zip(halves, halves[::-1]):
+            adapted = adapt_batch_norm(model.module, [pairs[i][0] for i in other], **settings)
+            for i in own:
+                modules[i] = adapted
+    preds = [segment_train.predict_labels(m, image, **settings) for m, (image, _) in zip(modules, pairs)]
     return [dice(p > 0, m > 0) for p, (_, m) in zip(preds, pairs)], preds
 
 
@@ -448,7 +495,7 @@ def bench_ablation(args) -> str:
     for variant in args.variants:
         settings = recipe(variant)
         # SigTuple is binary, with no nucleus class: variants differing only in `binary` or `anchor` share its model.
-        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor")))
+        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor", "adapt")))
         if key not in sigtuple_models:
             sigtuple_models[key] = [fit_on([sigtuple], args, settings, seed) for seed in seeds]
         s_fits = sigtuple_models[key]
@@ -456,7 +503,8 @@ def bench_ablation(args) -> str:
 
         def pooled(fits, pairs, **kwargs) -> str:
             """Per-image Dice pooled over the seeds' models, then each seed's mean."""
-            per_seed = [cell_dice(model, pairs, **kwargs)[0] for model, _ in fits]
+            per_seed = [cell_dice(model, pairs, adapt=settings.get("adapt", False), **kwargs)[0]
+                        for model, _ in fits]
             return f"{mean_std(np.concatenate(per_seed))} ({' '.join(f'{np.mean(s):.3f}' for s in per_seed)})"
 
         cells = []
@@ -494,7 +542,8 @@ def bench_ablation(args) -> str:
                     "parameters and FLOPs; 'pretrained' starts the recipe from a masked autoencoder (half of each "
                     f"crop's 16 px squares blanked and redrawn, {args.pretrain_epochs} epochs of {args.crops} crops "
                     "with the recipe's augmentation) of the training images, 'pretrained-bccd' of them and BCCD's "
-                    "training smears (unlabelled).")
+                    "training smears (unlabelled); 'ema' is the recipe evaluating and keeping a moving average of "
+                    "its weights (decay 0.99 per step).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
@@ -521,12 +570,13 @@ def object_boxes(labels: np.ndarray) -> np.ndarray:
     return np.array([[c0, r0, c1, r1] for r0, c0, r1, c1 in (r.bbox for r in regions)], np.float32).reshape(-1, 4)
 
 
-def box_counts(model: Model, pairs, diameter: float) -> tuple[list, list]:
+def box_counts(model: Model, pairs, diameter: float, adapt_to=()) -> tuple[list, list]:
     """Per image (white cells found, objects predicted, WBC boxes, IoUs of the found) with each predicted object
     matched one-to-one to a box by the IoU of its bounding box (>= 0.5, largest object first), at the known scale;
-    and the predictions."""
+    and the predictions. With images `adapt_to` the model predicts with their batch-norm statistics."""
     settings = segment_train.tiling(model.info, diameter)
-    preds = [segment_train.predict_labels(model.module, image, **settings) for image, _ in pairs]
+    module = adapt_batch_norm(model.module, adapt_to, **settings) if adapt_to else model.module
+    preds = [segment_train.predict_labels(module, image, **settings) for image, _ in pairs]
     counts = []
     for labels, (_, truth) in zip(preds, pairs):
         found = object_boxes(labels)
@@ -558,7 +608,9 @@ def bench_bccd(args) -> str:
             if trained_on not in args.trained_on:
                 continue
             fits = [fit_on([data], args, recipe(variant), seed) for seed in seeds]
-            runs = [box_counts(model, bccd, diameter) for model, _ in fits]
+            adapt_to = [image for image, _ in registry.load("bccd", "train", args.data_dir)] \
+                if recipe(variant).get("adapt") else ()
+            runs = [box_counts(model, bccd, diameter, adapt_to) for model, _ in fits]
             pooled = [c for counts, _ in runs for c in counts]
             found, predicted, truths = totals(pooled)
             ious = np.concatenate([c[3] for c in pooled])
@@ -701,8 +753,10 @@ def main():
         if args.quick:
             log(f"\n## {titles[section]} (--quick, not recorded)\n\n{body}\n")
         else:
-            # A run of some variants records under its own heading, so it never replaces another run's table.
-            variants = f" ({', '.join(args.variants)})" if section in ("ablation", "bccd") else ""
+            # A run of some variants, or the cross matrix at another length, records under its own heading, so
+            # it never replaces another run's table.
+            variants = (f" ({', '.join(args.variants)})" if section in ("ablation", "bccd") else
+                        f" ({args.epochs} epochs)" if section == "cross" else "")
             record(titles[section] + variants, body)
 
 
