@@ -301,6 +301,7 @@ VARIANTS = {
     "shifted-pink-red-cells": dict(cell_diameter=64, anchor=True,
                                    augment=lambda _: with_red_cells(RedCells(count=12, lilac=0.0), shift=True)),
     "white-balance": dict(cell_diameter=64, anchor=True, augment=segment_train.smear_augment, stain="white"),
+    "neutral-light": dict(cell_diameter=64, anchor=True, augment=segment_train.smear_augment, stain="neutral"),
     "tint-0.5": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, tint=0.5)),
     "lamp": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, lamp=0.5)),
     "recipe": dict(recipe=True),  # the task's default blood recipe (segment_train.BLOOD)
@@ -543,7 +544,8 @@ def bench_ablation(args) -> str:
                     f"crop's 16 px squares blanked and redrawn, {args.pretrain_epochs} epochs of {args.crops} crops "
                     "with the recipe's augmentation) of the training images, 'pretrained-bccd' of them and BCCD's "
                     "training smears (unlabelled); 'ema' is the recipe evaluating and keeping a moving average of "
-                    "its weights (decay 0.99 per step).")
+                    "its weights (decay 0.99 per step); 'neutral-light' the recipe with each image's background "
+                    "light made a grey of its own brightness, in training and prediction (`--stain neutral`).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain

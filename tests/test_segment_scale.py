@@ -181,3 +181,14 @@ def test_stain_tint_casts_one_colour_over_the_image_and_leaves_the_mask():
     assert kept is mask
     colour = cast.reshape(-1, 3)
     assert (colour == colour[0]).all() and np.ptp(colour[0].astype(int)) > 20  # a uniform, visible cast
+
+
+def test_neutral_light_takes_the_lamps_colour_out_and_keeps_its_brightness():
+    stains = [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]
+    grey = stained_smear(stains, (215, 215, 215), (1.0, 1.0))  # a dim, neutral field stays as it is
+    yellow = stained_smear(stains, (240, 240, 165), (1.0, 1.0))  # the same smear, as bright, under a yellow lamp
+    assert np.abs(normalise(grey, {"method": "neutral"}).astype(int) - grey).mean() < 1
+    neutral = normalise(yellow, {"method": "neutral"})
+    assert np.abs(neutral.astype(int) - grey).mean() < 2.5 < np.abs(yellow.astype(int) - grey).mean()
+    light = np.percentile(neutral.reshape(-1, 3), 99, axis=0)
+    assert np.ptp(light) <= 2 and abs(light.mean() - 215) < 3  # grey, and as bright as before

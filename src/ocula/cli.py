@@ -431,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cell-diameter", type=float, metavar="PX", help="segment: px a white cell spans inside the "
                    "model; images are resampled to it from the diameter measured on their masks (blood: 64, 0 = "
                    "native scale)")
-    c.add_argument("--stain", choices=["reinhard", "macenko", "white", "none"],
-                   help="segment: colour normalisation ('white': white balance)")
+    c.add_argument("--stain", choices=["reinhard", "macenko", "white", "neutral", "none"],
+                   help="segment: colour normalisation ('white': white balance; 'neutral': the lamp's colour "
+                   "taken out, its brightness kept)")
     c.add_argument("--flips", action=argparse.BooleanOptionalAction, help="segment: average predictions over flips")
     c.add_argument("--minutes", type=float, help="detect and classify: wall-clock budget (detect: default 40); "
                    "with --epochs, whichever ends first")

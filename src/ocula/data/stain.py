@@ -5,7 +5,7 @@
   the colours of images that are mostly background.
 - White balance: each image divided by its own background light (`background_light`), so the lamp's colour and
   the camera's white balance (Zheng's yellow fields against SigTuple's white ones) no longer reach the model;
-  the stain colours are left as they are.
+  the stain colours are left as they are. Neutral light takes only the lamp's colour out and keeps its brightness.
 - Macenko et al. 2009: light absorbed (optical density, OD) is a sum of two stains' fixed colours weighted by
   their amounts; each image's two stain colours are estimated from its stained pixels, its amounts unmixed, and
   the image rebuilt with the target's stain colours, amounts and background light. Blood stains (azure-eosin:
@@ -139,12 +139,25 @@ def white_balance(image: np.ndarray, target: dict) -> np.ndarray:
     return np.clip(image * (255.0 / light) + 0.5, 0, 255).astype(np.uint8)
 
 
+def neutral_target(images) -> dict:
+    """Neutral light needs nothing from the training images either."""
+    return {"method": "neutral"}
+
+
+def neutral_light(image: np.ndarray, target: dict) -> np.ndarray:
+    """`image` (RGB uint8) with each channel scaled so that its background light becomes a grey as bright as the
+    channels' mean: the lamp's colour goes, its brightness stays (white balance would also brighten a dim field
+    and flatten the pale cytoplasm against 255)."""
+    light = background_light(image)
+    return np.clip(image * (light.mean() / light) + 0.5, 0, 255).astype(np.uint8)
+
+
 METHODS = {"reinhard": (reinhard_target, reinhard), "macenko": (macenko_target, macenko),
-           "white": (white_target, white_balance)}
+           "white": (white_target, white_balance), "neutral": (neutral_target, neutral_light)}
 
 
 def stain_target(method: str, images) -> dict:
-    """The colour target of `method` ('reinhard', 'macenko' or 'white') over the training `images`."""
+    """The colour target of `method` (a METHODS name) over the training `images`."""
     return METHODS[method][0](images)
 
 

@@ -38,7 +38,7 @@ LEARNING_RATES = {"unet": 2e-3, "unet-seed": 3e-4}
 # 3000 px; the notes ignore blobs under 500. cell_diameter: the px a white cell spans inside the model; every
 # training image is resampled to it from the median diameter measured on its own masks (SigTuple 63 px, Zheng
 # 75 px), so smears from other microscopes can be brought to the same scale (None: native scale). stain: colour
-# normalisation (None, 'reinhard' or 'macenko'); flips: average the prediction over the four flips.
+# normalisation (None or a `data.stain.METHODS` name); flips: average the prediction over the four flips.
 BLOOD = dict(augment="smear", cell_diameter=64, stain=None, flips=False)
 DATASETS = {"wbc-sigtuple": dict(BLOOD, crop=128, min_area=500),
             "wbc-zheng": dict(BLOOD, crop=96, min_area=0),
@@ -495,7 +495,7 @@ def fit(train_set, model_name: str, config: TrainConfig, *, val_set=None, crop: 
     """Train a U-Net on crops of `train_set` (a MaskDataset, or several trained together), scoring `val_set`
     (likewise) each epoch; returns (model, info, history).
 
-    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` (reinhard, macenko or white)
+    `cell_diameter` resamples every dataset to that cell size (`prepare`), `stain` (reinhard, macenko, white or neutral)
     normalises colours, `flips` makes prediction average the four flips, `binary` trains whole cells from
     multi-class masks, `foreground` is the share of crops centred on a cell (the rest fall anywhere: red cells and
     background), `anchor` makes prediction keep only objects with a nucleus when the masks have that class
@@ -585,9 +585,9 @@ def train(data: str, model_name: str, config: TrainConfig, *, run_dir: Path, dat
           flips: bool | None = None, binary: bool = False):
     """Train `model_name` ('unet' or 'unet-seed') on a segmentation dataset (name or folder), validating on
     cross-validation fold `fold` of `n_folds` or a `val_fraction` hold-out. Crop size, augmentation and the blood
-    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard', 'macenko', 'white' or 'none') and `flips` default
-    per dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named U-Net's
-    arguments (e.g. widths). Returns (model, summary)."""
+    recipe's scale (`cell_diameter`, 0 = native), `stain` ('reinhard', 'macenko', 'white', 'neutral' or 'none') and
+    `flips` default per dataset; `binary` trains whole cells from multi-class masks; `arch_args` override the named
+    U-Net's arguments (e.g. widths). Returns (model, summary)."""
     run_dir = Path(run_dir)
     dataset = load_data(data, None, data_dir)
     setup = {**DATASETS.get(data, DEFAULT_SETUP)}
