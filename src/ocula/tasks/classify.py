@@ -227,7 +227,7 @@ def train_cnn(train: ImageSet, config: TrainConfig, *, val: ImageSet | None = No
         # Set after the trainer's own schedule each step, so the budget's rate is the one used.
         trainer.callbacks.append(LearningRateBudget(seconds=minutes * 60, steps=config.epochs * len(batches)))
     history = trainer.fit(resume=resume)
-    return trainer.model, info, history
+    return trainer.kept_model, info, history
 
 
 def head_keys(model) -> set[str]:

@@ -105,8 +105,8 @@ def train_embedder(train: ImageSet, config: TrainConfig, *, scale: float = 16.0,
     trainer = Trainer(model, config, loss_fn=loss_fn, train_batches=batches, info=info, run_dir=run_dir,
                       progress=progress)
     trainer.fit()
-    trainer.model.info = info
-    return trainer.model.eval()
+    trainer.kept_model.info = info
+    return trainer.kept_model.eval()
 
 
 def _temperature(vectors: np.ndarray, build_index) -> float:

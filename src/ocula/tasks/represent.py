@@ -207,7 +207,7 @@ def fit_autoencoder(model, info: ModelInfo, train: ImageSet, val: ImageSet | Non
         from ocula.modelfile import load_model
 
         return load_model(run_dir / "best.ocula", device=config.device), history
-    return trainer.model, history
+    return trainer.kept_model, history
 
 
 @torch.no_grad()
