@@ -544,7 +544,9 @@ def bench_ablation(args) -> str:
                     f"crop's 16 px squares blanked and redrawn, {args.pretrain_epochs} epochs of {args.crops} crops "
                     "with the recipe's augmentation) of the training images, 'pretrained-bccd' of them and BCCD's "
                     "training smears (unlabelled); 'ema' is the recipe evaluating and keeping a moving average of "
-                    "its weights (decay 0.99 per step); 'neutral-light' the recipe with each image's background "
+                    "its weights (decay 0.99 per step); 'adabn' the recipe predicting each half of the test images "
+                    "with batch-norm statistics re-estimated on the other half (AdaBN; BCCD: on its training "
+                    "smears); 'neutral-light' the recipe with each image's background "
                     "light made a grey of its own brightness, in training and prediction (`--stain neutral`).")
 
 
