@@ -759,7 +759,7 @@ def main():
         else:
             # A run of some variants, or the cross matrix at another length, records under its own heading, so
             # it never replaces another run's table.
-            variants = (f" ({', '.join(args.variants)})" if section in ("ablation", "bccd") else
+            variants = (f" ({', '.join(args.variants)}; {args.epochs} epochs)" if section in ("ablation", "bccd") else
                         f" ({args.epochs} epochs)" if section == "cross" else "")
             record(titles[section] + variants, body)
 
