@@ -57,5 +57,7 @@ def test_the_moving_average_is_evaluated_and_kept_without_changing_the_steps(tmp
         assert torch.allclose(kept[k], v, atol=1e-6)
         assert not torch.allclose(kept[k], averaged.model.state_dict()[k], atol=1e-3)
     assert all(m is averaged.ema.module for m in seen)
+    custom, _ = run(tmp_path / "custom", ema=0.9, callbacks=[Steps()])  # given callbacks still get the average
+    assert all(torch.allclose(custom.kept_model.state_dict()[k], v, atol=1e-6) for k, v in expected.items())
     _, best, _ = read_model_file(tmp_path / "ema" / "best.ocula")
     assert all(torch.equal(best[k], kept[k]) for k in kept)

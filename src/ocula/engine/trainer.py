@@ -114,7 +114,9 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         # The average's decay ramps up over one horizon (1 / (1 - decay) steps): short runs get averaged too.
         self.ema = EMA(self.model, decay=config.ema, ramp=1 / (1 - config.ema)) if config.ema else None
-        self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
+        # The average runs whatever callbacks are given: kept_model must never be a stale copy.
+        self.callbacks = ([self.ema] if self.ema else []) + (callbacks if callbacks is not None
+                                                             else self.default_callbacks())
         self._step_model = self._parallel(self.model)
         self.flops_per_image: float | None = None  # counted on the run's first batch
 
@@ -135,7 +137,7 @@ class Trainer:
 
     def default_callbacks(self) -> list[Callback]:
         c = self.config
-        cbs: list[Callback] = [TerminateOnNaN()] + ([self.ema] if self.ema else [])
+        cbs: list[Callback] = [TerminateOnNaN()]
         if self.run_dir:
             cbs += [ModelCheckpoint(self.run_dir / "best.ocula", c.monitor, c.mode, self.ema),
                     CSVLogger(self.run_dir / "metrics.csv")]
