@@ -128,20 +128,16 @@ def macenko(image: np.ndarray, target: dict) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ white balance
 
 
-def white_target(images) -> dict:
-    """White balance needs nothing from the training images: every image is brought to a white background."""
-    return {"method": "white"}
+def named_target(method: str):
+    """The target of a method that needs nothing from the training images (white balance, neutral light: each
+    image is corrected by its own background light): it only names the method."""
+    return lambda images: {"method": method}
 
 
 def white_balance(image: np.ndarray, target: dict) -> np.ndarray:
     """`image` (RGB uint8) with each channel scaled so that its background light becomes 255."""
     light = background_light(image)
     return np.clip(image * (255.0 / light) + 0.5, 0, 255).astype(np.uint8)
-
-
-def neutral_target(images) -> dict:
-    """Neutral light needs nothing from the training images either."""
-    return {"method": "neutral"}
 
 
 def neutral_light(image: np.ndarray, target: dict) -> np.ndarray:
@@ -153,7 +149,8 @@ def neutral_light(image: np.ndarray, target: dict) -> np.ndarray:
 
 
 METHODS = {"reinhard": (reinhard_target, reinhard), "macenko": (macenko_target, macenko),
-           "white": (white_target, white_balance), "neutral": (neutral_target, neutral_light)}
+           "white": (named_target("white"), white_balance),
+           "neutral": (named_target("neutral"), neutral_light)}
 
 
 def stain_target(method: str, images) -> dict:
