@@ -546,8 +546,8 @@ def bench_ablation(args) -> str:
                     "training smears (unlabelled); 'ema' is the recipe evaluating and keeping a moving average of "
                     "its weights (decay 0.99 per step); 'adabn' the recipe predicting each half of the test images "
                     "with batch-norm statistics re-estimated on the other half (AdaBN; BCCD: on its training "
-                    "smears); 'neutral-light' the recipe with each image's background "
-                    "light made a grey of its own brightness, in training and prediction (`--stain neutral`).")
+                    "smears); 'neutral-light' the recipe with each image's background light made a grey of its own "
+                    "brightness, in training and prediction (`--stain neutral`).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
@@ -608,12 +608,12 @@ def bench_bccd(args) -> str:
     out = Path(args.out)
     rows = []
     for variant in args.variants:
+        adapt_to = [image for image, _ in registry.load("bccd", "train", args.data_dir)] \
+            if recipe(variant).get("adapt") else ()
         for trained_on, data in (("SigTuple", sigtuple), ("Zheng", zheng)):
             if trained_on not in args.trained_on:
                 continue
             fits = [fit_on([data], args, recipe(variant), seed) for seed in seeds]
-            adapt_to = [image for image, _ in registry.load("bccd", "train", args.data_dir)] \
-                if recipe(variant).get("adapt") else ()
             runs = [box_counts(model, bccd, diameter, adapt_to) for model, _ in fits]
             pooled = [c for counts, _ in runs for c in counts]
             found, predicted, truths = totals(pooled)
