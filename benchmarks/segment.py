@@ -315,6 +315,7 @@ VARIANTS = {
     "ema": dict(recipe=True, config=dict(ema=0.99)),
     # The recipe predicting with batch-norm statistics of the other microscope's unlabelled images (AdaBN).
     "adabn": dict(recipe=True, adapt=True),
+    "no-opening": dict(recipe=True, cleanup="reach"),
 }
 
 
@@ -343,7 +344,8 @@ def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Mode
     parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=seed) for d in sources]
     crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
     settings = dict(settings, binary=settings["binary"] or len(sources) > 1)  # together they share whole cells
-    settings.pop("adapt", None)  # a way of predicting, not of training
+    for way_of_predicting in ("adapt", "cleanup"):
+        settings.pop(way_of_predicting, None)
     config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
                                           early_stopping=args.patience, **settings.pop("config", {}))
     start = time.perf_counter()
@@ -442,21 +444,31 @@ def adapt_batch_norm(model, images: list[np.ndarray], **settings):
     return adapted.eval()
 
 
-ANCHORS = ("reach", "objects", "off")  # what a model with a nucleus class keeps: see bench_cross's note
+# How much of its recorded clean-up a prediction keeps, each dropping one more step (see bench_cross's note).
+CLEANUPS = ("opening", "reach", "objects", "off")
 
 
-def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, anchor: str = "reach",
+def prediction_settings(model: Model, diameter: float | None, cleanup: str = "opening") -> dict:
+    """The model file's inference settings for cells `diameter` px across, with the clean-up `cleanup` (one of
+    CLEANUPS): 'reach' skips the opening, 'objects' also keeps foreground near no nucleus, 'off' objects without
+    one too."""
+    settings = segment_train.tiling(model.info, diameter)
+    settings["opening"] = settings["opening"] if cleanup == "opening" else 0
+    settings["reach"] = settings["reach"] if cleanup in ("opening", "reach") else None
+    settings["anchor"] = settings["anchor"] if cleanup != "off" else None
+    return settings
+
+
+def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, cleanup: str = "opening",
               adapt: bool = False):
     """Per-image whole-cell Dice and predictions; with `known_scale` the images are resampled from the cell
     diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed.
-    `anchor` (one of ANCHORS): 'objects' keeps foreground near no nucleus, 'off' objects without one too.
-    `adapt`: each half of the images (even and odd places) is predicted by the model with the batch-norm
-    statistics of the other half, so no image is predicted with statistics it contributed to."""
+    `cleanup`: see `prediction_settings`. `adapt`: each half of the images (even and odd places) is predicted by
+    the model with the batch-norm statistics of the other half, so no image is predicted with statistics it
+    contributed to."""
     diameter = segment_train.cell_diameter(segment_train.whole_cells(pairs)) if known_scale else None
-    settings = segment_train.tiling(model.info, diameter)
+    settings = prediction_settings(model, diameter, cleanup)
     settings["flips"] = settings["flips"] if flips is None else flips
-    settings["anchor"] = settings["anchor"] if anchor != "off" else None
-    settings["reach"] = settings["reach"] if anchor == "reach" else None
     modules = [model.module] * len(pairs)
     if adapt:
         halves = [range(0, len(pairs), 2), range(1, len(pairs), 2)]
@@ -496,7 +508,7 @@ def bench_ablation(args) -> str:
     for variant in args.variants:
         settings = recipe(variant)
         # SigTuple is binary, with no nucleus class: variants differing only in `binary` or `anchor` share its model.
-        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor", "adapt")))
+        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor", "adapt", "cleanup")))
         if key not in sigtuple_models:
             sigtuple_models[key] = [fit_on([sigtuple], args, settings, seed) for seed in seeds]
         s_fits = sigtuple_models[key]
@@ -504,7 +516,8 @@ def bench_ablation(args) -> str:
 
         def pooled(fits, pairs, **kwargs) -> str:
             """Per-image Dice pooled over the seeds' models, then each seed's mean."""
-            per_seed = [cell_dice(model, pairs, adapt=settings.get("adapt", False), **kwargs)[0]
+            per_seed = [cell_dice(model, pairs, adapt=settings.get("adapt", False),
+                                  cleanup=settings.get("cleanup", "opening"), **kwargs)[0]
                         for model, _ in fits]
             return f"{mean_std(np.concatenate(per_seed))} ({' '.join(f'{np.mean(s):.3f}' for s in per_seed)})"
 
@@ -547,7 +560,8 @@ def bench_ablation(args) -> str:
                     "its weights (decay 0.99 per step); 'adabn' the recipe predicting each half of the test images "
                     "with batch-norm statistics re-estimated on the other half (AdaBN; BCCD: on its training "
                     "smears); 'neutral-light' the recipe with each image's background light made a grey of its own "
-                    "brightness, in training and prediction (`--stain neutral`).")
+                    "brightness, in training and prediction (`--stain neutral`); 'no-opening' the recipe's models "
+                    "predicting without the opening (see the cross section).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
@@ -574,11 +588,11 @@ def object_boxes(labels: np.ndarray) -> np.ndarray:
     return np.array([[c0, r0, c1, r1] for r0, c0, r1, c1 in (r.bbox for r in regions)], np.float32).reshape(-1, 4)
 
 
-def box_counts(model: Model, pairs, diameter: float, adapt_to=()) -> tuple[list, list]:
+def box_counts(model: Model, pairs, diameter: float, adapt_to=(), cleanup: str = "opening") -> tuple[list, list]:
     """Per image (white cells found, objects predicted, WBC boxes, IoUs of the found) with each predicted object
     matched one-to-one to a box by the IoU of its bounding box (>= 0.5, largest object first), at the known scale;
     and the predictions. With images `adapt_to` the model predicts with their batch-norm statistics."""
-    settings = segment_train.tiling(model.info, diameter)
+    settings = prediction_settings(model, diameter, cleanup)
     module = adapt_batch_norm(model.module, adapt_to, **settings) if adapt_to else model.module
     preds = [segment_train.predict_labels(module, image, **settings) for image, _ in pairs]
     counts = []
@@ -589,6 +603,17 @@ def box_counts(model: Model, pairs, diameter: float, adapt_to=()) -> tuple[list,
         ious = overlap[np.flatnonzero(match >= 0), match[match >= 0]]
         counts.append((len(ious), len(found), len(truth), ious))
     return counts, preds
+
+
+def in_boxes(preds, pairs) -> float:
+    """Share of the predicted foreground pixels inside a WBC box: outside one they are certainly no white cell."""
+    inside = total = 0
+    for labels, (_, boxes) in zip(preds, pairs):
+        boxed = np.zeros(labels.shape, bool)
+        for x0, y0, x1, y1 in np.round(boxes).astype(int):
+            boxed[y0:y1, x0:x1] = True
+        inside, total = inside + np.count_nonzero((labels > 0) & boxed), total + np.count_nonzero(labels)
+    return inside / max(total, 1)
 
 
 def totals(counts) -> tuple[int, int, int]:
@@ -606,21 +631,29 @@ def bench_bccd(args) -> str:
     bccd, diameter = bccd_cells(args)
     seeds = range(args.seed, args.seed + args.seeds)
     out = Path(args.out)
-    rows = []
+    rows, trained = [], {}
     for variant in args.variants:
+        settings = recipe(variant)
         adapt_to = [image for image, _ in registry.load("bccd", "train", args.data_dir)] \
-            if recipe(variant).get("adapt") else ()
+            if settings.get("adapt") else ()
         for trained_on, data in (("SigTuple", sigtuple), ("Zheng", zheng)):
             if trained_on not in args.trained_on:
                 continue
-            fits = [fit_on([data], args, recipe(variant), seed) for seed in seeds]
-            runs = [box_counts(model, bccd, diameter, adapt_to) for model, _ in fits]
+            # Variants that differ only in how they predict share their models.
+            key = repr((trained_on, sorted((k, v) for k, v in settings.items() if k not in ("adapt", "cleanup"))))
+            if key not in trained:
+                trained[key] = [fit_on([data], args, settings, seed) for seed in seeds]
+            fits = trained[key]
+            runs = [box_counts(model, bccd, diameter, adapt_to, settings.get("cleanup", "opening"))
+                    for model, _ in fits]
             pooled = [c for counts, _ in runs for c in counts]
             found, predicted, truths = totals(pooled)
             ious = np.concatenate([c[3] for c in pooled])
             rows.append([variant, trained_on, f"{f1(pooled):.3f}", " ".join(f"{f1(c):.3f}" for c, _ in runs),
                          f"{found / max(predicted, 1):.3f}", f"{found / max(truths, 1):.3f}",
-                         f"{np.mean(ious):.3f}" if len(ious) else "-", f"{np.mean([s for _, s in fits]):.0f}"])
+                         f"{np.mean(ious):.3f}" if len(ious) else "-",
+                         f"{in_boxes([p for _, preds in runs for p in preds], bccd * len(runs)):.3f}",
+                         f"{np.mean([s for _, s in fits]):.0f}"])
             log(f"bccd {variant} {trained_on}: F1 {rows[-1][2]} ({rows[-1][3]})")
             counts, preds = runs[0]
             errors = [c[1] + c[2] - 2 * c[0] for c in counts]
@@ -631,7 +664,7 @@ def bench_bccd(args) -> str:
                        out / f"bccd-{variant}-{trained_on}.png", cols=3, inches=3.2,
                        title=f"{variant} trained on {trained_on} (seed {args.seed}) on BCCD: the most errors")
     table = markdown_table(["variant", "trained on", "F1", "F1 per seed", "precision", "recall", "IoU of found",
-                            "train s"], rows)
+                            "foreground in WBC boxes", "train s"], rows)
     return table + (f"\n\nThe third domain, for choosing between recipes without looking at the cross matrix it is "
                     f"reported on: BCCD's validation smears ({len(bccd)} images, without those the datasets README "
                     "lists with an unlabelled white cell), another microscope, stain and magnification, labelled "
@@ -639,8 +672,11 @@ def bench_bccd(args) -> str:
                     "object (8-connected) finds a white cell when its bounding box overlaps the cell's WBC box "
                     "with IoU >= 0.5 (one-to-one, largest object first); F1, precision and recall pooled over "
                     f"{args.seeds} training seed(s). Scale known: the images are resampled from the boxes' median "
-                    f"diameter, {diameter:.0f} px (sqrt(w h)). Prediction as the model file says: a Zheng model keeps "
-                    "objects with a nucleus piece of its anchor_area or more, within the nucleus' reach. Each "
+                    f"diameter, {diameter:.0f} px (sqrt(w h)). Foreground in WBC boxes: the share of the predicted "
+                    "pixels inside a WBC box (those outside are certainly no white cell). Prediction as the model "
+                    "file says: the foreground opened (see the cross section), and a Zheng model keeps objects with "
+                    "a nucleus piece of its anchor_area or more, within the nucleus' reach ('no-opening': the same "
+                    "models without the opening). Each "
                     "'unet' is trained on all of one dataset (10% held out for selection), up to "
                     f"{args.epochs} epochs of {args.crops} crops, patience "
                     f"{args.patience}. Variants (the others: see the ablation section): 'no-red-cells', the recipe "
@@ -681,34 +717,36 @@ def bench_cross(args) -> str:
         seconds = np.mean([sec for _, sec in trained])
         for name in tested_on:
             pairs = {**tests, **both_tests}[name]
-            for known, anchor in [(k, a) for k in (True, False) for a in (ANCHORS if has_anchor else ANCHORS[:1])]:
-                runs_scores = [cell_dice(model, pairs, known_scale=known, anchor=anchor) for model, _ in trained]
+            for known, cleanup in [(k, c) for k in (True, False) for c in (CLEANUPS if has_anchor else CLEANUPS[:1])]:
+                runs_scores = [cell_dice(model, pairs, known_scale=known, cleanup=cleanup) for model, _ in trained]
                 scores = np.concatenate([sc for sc, _ in runs_scores])
                 rows.append([trained_on, name, "known" if known else "assumed",
-                             anchor if has_anchor else "-", mean_std(scores),
+                             cleanup, mean_std(scores),
                              " ".join(f"{np.mean(sc):.3f}" for sc, _ in runs_scores), f"{np.min(scores):.3f}",
                              f"{np.mean(scores >= 0.9):.0%}", len(pairs), f"{seconds:.0f}"])
-                log(f"cross {trained_on} -> {name}, scale {rows[-1][2]}, anchor {rows[-1][3]}: {rows[-1][4]}")
-                if known and anchor == ANCHORS[0]:
+                log(f"cross {trained_on} -> {name}, scale {rows[-1][2]}, clean-up {rows[-1][3]}: {rows[-1][4]}")
+                if known and cleanup == CLEANUPS[0]:
                     sc, preds = runs_scores[0]
                     worst_overlays(pairs, preds, sc, out / f"{trained_on}-to-{name.replace(' ', '-')}.png",
                                    f"trained on {trained_on} (seed {args.seed}), tested on {name}: the worst images")
     diameters = {name: segment_train.cell_diameter(segment_train.whole_cells(segment_train.decode(d)))
                  for name, d in (("SigTuple", sigtuple), ("Zheng", zheng))}
-    table = markdown_table(["trained on", "tested on", "scale", "nucleus anchor", "per-image Dice",
+    table = markdown_table(["trained on", "tested on", "scale", "clean-up", "per-image Dice",
                             "mean per seed", "worst", "images >= 0.90", "images", "train s"], rows)
     blood = segment_train.BLOOD
     return table + ("\n\nWhole-cell Dice per image (Zheng: nucleus + cytoplasm; a Zheng-trained model's "
                     f"nucleus and cytoplasm merged), pooled over {args.seeds} training seed(s). The default blood "
                     f"recipe ({', '.join(f'{k}={v}' for k, v in blood.items())}): 'unet', up to {args.epochs} "
                     f"epochs of {args.crops} crops, patience {args.patience}, 10% of each training set held out for "
-                    "selection. Trained on both: whole cells, crop 96. Nucleus anchor, for a model with a nucleus "
-                    "class: 'objects' keeps only predicted objects that hold a nucleus piece of the model's "
-                    "anchor_area (half the training nuclei's smallest, 1st percentile); 'reach' (the default) "
-                    "also clears what lies farther from a nucleus than white cells' pixels do in the training masks "
-                    "(99th percentile); 'off': the same model without either. Scale: pixel sizes are stated by "
-                    "neither "
-                    "dataset; the median whole-cell diameter measured on the masks is "
+                    "selection. Trained on both: whole cells, crop 96. Clean-up, as the model file records it "
+                    "('opening', the default): the foreground is opened by a disk of the largest radius the "
+                    "training masks survive with 99% of their pixels (thin red-cell rims painted as cytoplasm "
+                    "go), then, for a model with a nucleus class, only objects that hold a nucleus piece of the "
+                    "model's anchor_area (half the training nuclei's smallest, 1st percentile) are kept, cleared of "
+                    "what lies farther from a nucleus than white cells' pixels do in the training masks (99th "
+                    "percentile). The same models with less of it: 'reach' without the opening, 'objects' also "
+                    "without the reach, 'off' without any. Scale: pixel sizes are stated by neither dataset; the "
+                    "median whole-cell diameter measured on the masks is "
                     f"{diameters['SigTuple']:.1f} px (SigTuple) and {diameters['Zheng']:.1f} px (Zheng). 'known' "
                     "resamples test images from their measured diameter, 'assumed' at the training images' scale "
                     f"(what `ocula predict` does without --cell-diameter). Overlays of the worst images: {out}/.")

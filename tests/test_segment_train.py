@@ -336,6 +336,36 @@ def test_a_speck_of_nucleus_anchors_no_white_cell():
     assert segment_train.nucleus_piece([(None, labels[:20, 20:])], nucleus=2) == 0  # masks without a nucleus
 
 
+def test_the_opening_allowed_is_what_the_training_masks_survive():
+    yy, xx = np.mgrid[:60, :60]
+    disc = ((yy - 30) ** 2 + (xx - 30) ** 2 <= 25**2).astype(np.uint8)  # a solid cell
+    bars = np.zeros((60, 60), np.uint8)
+    bars[10:50, 10:13] = bars[10:50, 30:33] = 1  # 3 px wide: a disk of radius 2 (5 px) fits in none of it
+    assert segment_train.opening_radius([(None, disc)]) >= 8
+    assert segment_train.opening_radius([(None, bars)]) <= 1
+    assert segment_train.opening_radius([(None, disc)], largest=3) == 3
+    # recorded for prediction by the cell-scale recipe only (membranes or a user's own masks at native scale: none)
+    cells = segment_train.Pairs([(np.full((60, 60, 3), 200, np.uint8), disc)], ("background", "cell"))
+    recorded = {d: segment_train.model_info(cells, "unet", crop=32, dataset="discs", cell_diameter_px=d)[1]
+                .preprocess["opening"] for d in (64, None)}
+    assert recorded == {64: segment_train.opening_radius(cells), None: 0}
+
+
+def test_a_thin_rim_joined_to_a_white_cell_is_opened_away_and_the_cell_kept():
+    image = np.full((80, 100, 3), 215, np.uint8)
+    yy, xx = np.mgrid[:80, :100]
+    cell = (yy - 40) ** 2 + (xx - 35) ** 2 <= 20**2
+    rim = (np.abs(np.hypot(yy - 40, xx - 72) - 16) <= 1.5) & ~cell  # a red cell's 3 px rim touching the cell
+    image[cell | rim] = (125, 45, 150)
+    plain = segment_train.predict_labels(_DarkIsForeground(), image, tile=128) > 0
+    assert plain[rim].all()  # painted, and joined to the cell
+    opened = segment_train.predict_labels(_DarkIsForeground(), image, tile=128, opening=4) > 0
+    assert opened[cell].mean() > 0.99 and opened[rim].mean() < 0.1  # bar where it meets the cell
+    # the radius is in the model's px: on an image at a quarter of the model's scale it opens by 1 px, and the rim stays
+    quarter = segment_train.predict_labels(_DarkIsForeground(), image, tile=128, opening=4, scale=4.0) > 0
+    assert quarter[rim].mean() > 0.5
+
+
 def test_synthetic_red_cells_only_for_training_images_without_red_cells():
     rng = np.random.default_rng(0)
     pale = segment_train.Pairs([smear(rng, 64, 64) for _ in range(5)], ("background", "cell"))
