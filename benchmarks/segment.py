@@ -315,7 +315,7 @@ VARIANTS = {
     "ema": dict(recipe=True, config=dict(ema=0.99)),
     # The recipe predicting with batch-norm statistics of the other microscope's unlabelled images (AdaBN).
     "adabn": dict(recipe=True, adapt=True),
-    "no-opening": dict(recipe=True, cleanup="reach"),
+    "opening": dict(recipe=True, cleanup="opening"),
 }
 
 
@@ -444,22 +444,21 @@ def adapt_batch_norm(model, images: list[np.ndarray], **settings):
     return adapted.eval()
 
 
-# How much of its recorded clean-up a prediction keeps, each dropping one more step (see bench_cross's note).
+# Clean-up of a prediction: with the file's opening, the default (reach), and less of it (see bench_cross's note).
 CLEANUPS = ("opening", "reach", "objects", "off")
 
 
-def prediction_settings(model: Model, diameter: float | None, cleanup: str = "opening") -> dict:
+def prediction_settings(model: Model, diameter: float | None, cleanup: str = "reach") -> dict:
     """The model file's inference settings for cells `diameter` px across, with the clean-up `cleanup` (one of
-    CLEANUPS): 'reach' skips the opening, 'objects' also keeps foreground near no nucleus, 'off' objects without
-    one too."""
-    settings = segment_train.tiling(model.info, diameter)
-    settings["opening"] = settings["opening"] if cleanup == "opening" else 0
+    CLEANUPS): 'reach' is the default, 'opening' adds the file's opening (`predict --opening`), 'objects' keeps
+    foreground near no nucleus, 'off' objects without one too."""
+    settings = segment_train.tiling(model.info, diameter, opening=cleanup == "opening")
     settings["reach"] = settings["reach"] if cleanup in ("opening", "reach") else None
     settings["anchor"] = settings["anchor"] if cleanup != "off" else None
     return settings
 
 
-def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, cleanup: str = "opening",
+def cell_dice(model: Model, pairs, *, known_scale: bool, flips: bool | None = None, cleanup: str = "reach",
               adapt: bool = False):
     """Per-image whole-cell Dice and predictions; with `known_scale` the images are resampled from the cell
     diameter measured on their masks (a user who knows the pixel size), else the training images' is assumed.
@@ -517,7 +516,7 @@ def bench_ablation(args) -> str:
         def pooled(fits, pairs, **kwargs) -> str:
             """Per-image Dice pooled over the seeds' models, then each seed's mean."""
             per_seed = [cell_dice(model, pairs, adapt=settings.get("adapt", False),
-                                  cleanup=settings.get("cleanup", "opening"), **kwargs)[0]
+                                  cleanup=settings.get("cleanup", "reach"), **kwargs)[0]
                         for model, _ in fits]
             return f"{mean_std(np.concatenate(per_seed))} ({' '.join(f'{np.mean(s):.3f}' for s in per_seed)})"
 
@@ -560,8 +559,8 @@ def bench_ablation(args) -> str:
                     "its weights (decay 0.99 per step); 'adabn' the recipe predicting each half of the test images "
                     "with batch-norm statistics re-estimated on the other half (AdaBN; BCCD: on its training "
                     "smears); 'neutral-light' the recipe with each image's background light made a grey of its own "
-                    "brightness, in training and prediction (`--stain neutral`); 'no-opening' the recipe's models "
-                    "predicting without the opening (see the cross section).")
+                    "brightness, in training and prediction (`--stain neutral`); 'opening' the recipe's models "
+                    "predicting with the opening (`--opening`, see the cross section).")
 
 
 # ------------------------------------------------------------------------------------------------ third domain
@@ -588,7 +587,7 @@ def object_boxes(labels: np.ndarray) -> np.ndarray:
     return np.array([[c0, r0, c1, r1] for r0, c0, r1, c1 in (r.bbox for r in regions)], np.float32).reshape(-1, 4)
 
 
-def box_counts(model: Model, pairs, diameter: float, adapt_to=(), cleanup: str = "opening") -> tuple[list, list]:
+def box_counts(model: Model, pairs, diameter: float, adapt_to=(), cleanup: str = "reach") -> tuple[list, list]:
     """Per image (white cells found, objects predicted, WBC boxes, IoUs of the found) with each predicted object
     matched one-to-one to a box by the IoU of its bounding box (>= 0.5, largest object first), at the known scale;
     and the predictions. With images `adapt_to` the model predicts with their batch-norm statistics."""
@@ -644,7 +643,7 @@ def bench_bccd(args) -> str:
             if key not in trained:
                 trained[key] = [fit_on([data], args, settings, seed) for seed in seeds]
             fits = trained[key]
-            runs = [box_counts(model, bccd, diameter, adapt_to, settings.get("cleanup", "opening"))
+            runs = [box_counts(model, bccd, diameter, adapt_to, settings.get("cleanup", "reach"))
                     for model, _ in fits]
             pooled = [c for counts, _ in runs for c in counts]
             found, predicted, truths = totals(pooled)
@@ -674,9 +673,8 @@ def bench_bccd(args) -> str:
                     f"{args.seeds} training seed(s). Scale known: the images are resampled from the boxes' median "
                     f"diameter, {diameter:.0f} px (sqrt(w h)). Foreground in WBC boxes: the share of the predicted "
                     "pixels inside a WBC box (those outside are certainly no white cell). Prediction as the model "
-                    "file says: the foreground opened (see the cross section), and a Zheng model keeps objects with "
-                    "a nucleus piece of its anchor_area or more, within the nucleus' reach ('no-opening': the same "
-                    "models without the opening). Each "
+                    "file says: a Zheng model keeps objects with a nucleus piece of its anchor_area or more, within "
+                    "the nucleus' reach ('opening': the same models with the opening, see the cross section). Each "
                     "'unet' is trained on all of one dataset (10% held out for selection), up to "
                     f"{args.epochs} epochs of {args.crops} crops, patience "
                     f"{args.patience}. Variants (the others: see the ablation section): 'no-red-cells', the recipe "
@@ -738,15 +736,15 @@ def bench_cross(args) -> str:
                     f"nucleus and cytoplasm merged), pooled over {args.seeds} training seed(s). The default blood "
                     f"recipe ({', '.join(f'{k}={v}' for k, v in blood.items())}): 'unet', up to {args.epochs} "
                     f"epochs of {args.crops} crops, patience {args.patience}, 10% of each training set held out for "
-                    "selection. Trained on both: whole cells, crop 96. Clean-up, as the model file records it "
-                    "('opening', the default): the foreground is opened by a disk of the largest radius the "
-                    "training masks survive with 99% of their pixels (thin red-cell rims painted as cytoplasm "
-                    "go), then, for a model with a nucleus class, only objects that hold a nucleus piece of the "
-                    "model's anchor_area (half the training nuclei's smallest, 1st percentile) are kept, cleared of "
-                    "what lies farther from a nucleus than white cells' pixels do in the training masks (99th "
-                    "percentile). The same models with less of it: 'reach' without the opening, 'objects' also "
-                    "without the reach, 'off' without any. Scale: pixel sizes are stated by neither dataset; the "
-                    "median whole-cell diameter measured on the masks is "
+                    "selection. Trained on both: whole cells, crop 96. Clean-up: 'opening' (`predict --opening`) "
+                    "opens the foreground by a disk of the largest radius the training masks survive with 99% of "
+                    "their pixels (thin red-cell rims painted as cytoplasm go; Zheng's masks allow 9 px at the 64 "
+                    "px scale, SigTuple's and both's 1); then a model with a nucleus class keeps only objects "
+                    "that hold a nucleus piece of the model's anchor_area (half the training nuclei's smallest, 1st "
+                    "percentile), cleared of what lies farther from a nucleus than white cells' pixels do in the "
+                    "training masks (99th percentile). The same models with less of it: 'reach' (the default) "
+                    "without the opening, 'objects' also without the reach, 'off' without any. Scale: pixel sizes "
+                    "are stated by neither dataset; the median whole-cell diameter measured on the masks is "
                     f"{diameters['SigTuple']:.1f} px (SigTuple) and {diameters['Zheng']:.1f} px (Zheng). 'known' "
                     "resamples test images from their measured diameter, 'assumed' at the training images' scale "
                     f"(what `ocula predict` does without --cell-diameter). Overlays of the worst images: {out}/.")

@@ -204,6 +204,9 @@ def test_cli_predict_writes_mask_overlay_and_cells(run, tmp_path):
     assert len(rows) == result["count"] == saved["count"] == 3
     for row in rows:  # 0.5 um pixels: a pixel is 0.25 um2
         assert float(row["area_um2"]) == pytest.approx(0.25 * float(row["area_px"]))
+    opened = predict(run_dir / "model.ocula", tmp_path / "smear.png", "--out", "", "--opening", "--json")
+    assert opened.returncode == 0, opened.stderr
+    assert json.loads(opened.stdout)["count"] == 3  # a model at native scale records no opening: nothing changes
 
 
 def test_cli_evaluate_scores_every_image_by_name(run, folder, tmp_path):
@@ -344,11 +347,15 @@ def test_the_opening_allowed_is_what_the_training_masks_survive():
     assert segment_train.opening_radius([(None, disc)]) >= 8
     assert segment_train.opening_radius([(None, bars)]) <= 1
     assert segment_train.opening_radius([(None, disc)], largest=3) == 3
-    # recorded for prediction by the cell-scale recipe only (membranes or a user's own masks at native scale: none)
+    # recorded by the cell-scale recipe only (membranes or a user's own masks at native scale: none) and applied
+    # only when asked for
     cells = segment_train.Pairs([(np.full((60, 60, 3), 200, np.uint8), disc)], ("background", "cell"))
-    recorded = {d: segment_train.model_info(cells, "unet", crop=32, dataset="discs", cell_diameter_px=d)[1]
-                .preprocess["opening"] for d in (64, None)}
-    assert recorded == {64: segment_train.opening_radius(cells), None: 0}
+    infos = {d: segment_train.model_info(cells, "unet", crop=32, dataset="discs", cell_diameter_px=d)[1]
+             for d in (64, None)}
+    assert {d: info.preprocess["opening"] for d, info in infos.items()} == {64: segment_train.opening_radius(cells),
+                                                                           None: 0}
+    assert segment_train.tiling(infos[64], opening=True)["opening"] == infos[64].preprocess["opening"]
+    assert segment_train.tiling(infos[64])["opening"] == 0
 
 
 def test_a_thin_rim_joined_to_a_white_cell_is_opened_away_and_the_cell_kept():

@@ -147,7 +147,7 @@ def cmd_predict(args):
     index, count = args.shard or (distributed.rank(), distributed.world_size())
     files = distributed.shard(files, index, count)
     options = {k: getattr(args, k) for k in ("batch_size", "min_area", "pixel_size", "score_thresh", "mode",
-                                             "cell_diameter")
+                                             "cell_diameter", "opening")
                if getattr(args, k) is not None}
     out, failed = [], 0
     for f in files:  # one file at a time: a bad file is reported and the others are still predicted
@@ -515,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "images, to resample them to the model's scale (default: assume the model's own, and say so)")
     c.add_argument("--min-area", type=int, metavar="PX",
                    help="segment: drop predicted objects smaller than this (default: the model file's)")
+    c.add_argument("--opening", action="store_true", default=None, help="segment: also remove what is narrower "
+                   "than the training cells ever are, such as red-cell rims joined to a white cell")
     c.add_argument("--score-thresh", type=float, help="detect: keep boxes scoring this (default: the model's)")
     mode = c.add_mutually_exclusive_group()
     for name in ("embed", "reconstruct", "denoise"):

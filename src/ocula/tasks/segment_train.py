@@ -270,7 +270,7 @@ def open_objects(binary: np.ndarray, radius: int) -> np.ndarray:
 
 
 def opening_radius(pairs, keep: float = 0.99, largest: int = 32) -> int:
-    """The widest opening prediction applies (px): the largest disk radius, up to `largest`, whose opening keeps
+    """The widest opening prediction may apply (px): the largest disk radius, up to `largest`, whose opening keeps
     `keep` of the training masks' foreground pixels. A white cell is a solid disc, so what is narrower than the
     training cells ever are (a red cell's rim painted as cytoplasm, joined to a white cell) is no white cell. At the
     blood recipe's 64 px scale: Zheng's smooth masks allow 9 px, SigTuple's, drawn on a 4 px grid, 1."""
@@ -337,14 +337,15 @@ def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25
                         round(anchor_area / scale**2))
 
 
-def tiling(info: ModelInfo, cell_diameter_px: float | None = None) -> dict:
+def tiling(info: ModelInfo, cell_diameter_px: float | None = None, opening: bool = False) -> dict:
     """The inference settings a model file records (files written before min_area, stain, flips, opening, anchor,
     reach or anchor_area existed keep every object, leave colours and do not flip), for images whose cells span
-    `cell_diameter_px` (default: as in the training images)."""
+    `cell_diameter_px` (default: as in the training images). `opening` applies the opening the file records, an
+    option: it lifts a Zheng model on SigTuple's smears but costs it on BCCD's (README, "Other microscopes")."""
     pre = info.preprocess
     return {"tile": pre["tile"], "overlap": pre["overlap"], "threshold": pre["threshold"],
             "min_area": pre.get("min_area", 0), "stain": pre.get("stain"), "flips": pre.get("flips", False),
-            "opening": pre.get("opening", 0), "anchor": pre.get("anchor"), "reach": pre.get("reach"),
+            "opening": pre.get("opening", 0) if opening else 0, "anchor": pre.get("anchor"), "reach": pre.get("reach"),
             "anchor_area": pre.get("anchor_area", 0),
             "scale": scale_for(info, cell_diameter_px)}
 
@@ -452,14 +453,15 @@ class Segmentation:
 
 def predict(model, images: list[np.ndarray], sources: list[str], *, batch_size: int = 8,
             pixel_size: float | None = None, min_area: int | None = None,
-            cell_diameter: float | None = None) -> list[Segmentation]:
+            cell_diameter: float | None = None, opening: bool = False) -> list[Segmentation]:
     """Segment RGB images of any size by tiled inference (`batch_size` tiles at a time) and measure their cells.
     `min_area` overrides the model file's smallest kept object; `pixel_size` (um per px) adds sizes in um;
     `cell_diameter` (px a white cell spans in these images) resamples them to the model's scale; when it is not
-    given the images are taken to be at the training images' scale, and the result says so."""
+    given the images are taken to be at the training images' scale, and the result says so. `opening` removes
+    what is narrower than the training cells (`tiling`)."""
     from ocula.tasks.cells import find_cells
 
-    settings = tiling(model.info, cell_diameter)
+    settings = tiling(model.info, cell_diameter, opening)
     if min_area is not None:
         settings["min_area"] = min_area
     own = model.info.preprocess.get("cell_diameter") and model.info.preprocess.get("training_cell_diameter")
