@@ -317,6 +317,7 @@ VARIANTS = {
     "adabn": dict(recipe=True, adapt=True),
     "opening": dict(recipe=True, cleanup="opening"),
 }
+PREDICTION_ONLY = ("adapt", "cleanup")  # variant settings that change how the models predict, not how they train
 
 
 def with_red_cells(red_cells: RedCells, shift: bool = False):
@@ -344,8 +345,8 @@ def fit_on(sources, args, settings: dict, seed: int | None = None) -> tuple[Mode
     parts = [segment_train.split(d, fold=None, val_fraction=0.1, seed=seed) for d in sources]
     crop = min(segment_train.DATASETS[d.name]["crop"] for d in sources)
     settings = dict(settings, binary=settings["binary"] or len(sources) > 1)  # together they share whole cells
-    for way_of_predicting in ("adapt", "cleanup"):
-        settings.pop(way_of_predicting, None)
+    for key in PREDICTION_ONLY:
+        settings.pop(key, None)
     config = segment_train.default_config("unet", epochs=args.epochs, seed=seed, threads=args.threads,
                                           early_stopping=args.patience, **settings.pop("config", {}))
     start = time.perf_counter()
@@ -507,7 +508,7 @@ def bench_ablation(args) -> str:
     for variant in args.variants:
         settings = recipe(variant)
         # SigTuple is binary, with no nucleus class: variants differing only in `binary` or `anchor` share its model.
-        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor", "adapt", "cleanup")))
+        key = repr(sorted((k, v) for k, v in settings.items() if k not in ("binary", "anchor", *PREDICTION_ONLY)))
         if key not in sigtuple_models:
             sigtuple_models[key] = [fit_on([sigtuple], args, settings, seed) for seed in seeds]
         s_fits = sigtuple_models[key]
@@ -655,20 +656,21 @@ def bench_bccd(args) -> str:
             if trained_on not in args.trained_on:
                 continue
             # Variants that differ only in how they predict share their models.
-            key = repr((trained_on, sorted((k, v) for k, v in settings.items() if k not in ("adapt", "cleanup"))))
+            key = repr((trained_on, sorted((k, v) for k, v in settings.items() if k not in PREDICTION_ONLY)))
             if key not in trained:
                 trained[key] = [fit_on([data], args, settings, seed) for seed in seeds]
             fits = trained[key]
             runs = [box_counts(model, bccd, diameter, adapt_to, settings.get("cleanup", "reach"))
                     for model, _ in fits]
             pooled = [c for counts, _ in runs for c in counts]
+            pooled_preds, pooled_pairs = [p for _, preds in runs for p in preds], bccd * len(runs)
             found, predicted, truths = totals(pooled)
             ious = np.concatenate([c[3] for c in pooled])
             rows.append([variant, trained_on, f"{f1(pooled):.3f}", " ".join(f"{f1(c):.3f}" for c, _ in runs),
                          f"{found / max(predicted, 1):.3f}", f"{found / max(truths, 1):.3f}",
                          f"{np.mean(ious):.3f}" if len(ious) else "-",
-                         f"{in_boxes([p for _, preds in runs for p in preds], bccd * len(runs)):.3f}",
-                         f"{ellipse_dice([p for _, preds in runs for p in preds], bccd * len(runs)):.3f}",
+                         f"{in_boxes(pooled_preds, pooled_pairs):.3f}",
+                         f"{ellipse_dice(pooled_preds, pooled_pairs):.3f}",
                          f"{np.mean([s for _, s in fits]):.0f}"])
             log(f"bccd {variant} {trained_on}: F1 {rows[-1][2]} ({rows[-1][3]})")
             counts, preds = runs[0]

@@ -367,7 +367,7 @@ def test_a_thin_rim_joined_to_a_white_cell_is_opened_away_and_the_cell_kept():
     plain = segment_train.predict_labels(_DarkIsForeground(), image, tile=128) > 0
     assert plain[rim].all()  # painted, and joined to the cell
     opened = segment_train.predict_labels(_DarkIsForeground(), image, tile=128, opening=4) > 0
-    assert opened[cell].mean() > 0.99 and opened[rim].mean() < 0.1  # bar where it meets the cell
+    assert opened[cell].mean() > 0.99 and opened[rim].mean() < 0.1  # but where it meets the cell
     # the radius is in the model's px: on an image at a quarter of the model's scale it opens by 1 px, and the rim stays
     quarter = segment_train.predict_labels(_DarkIsForeground(), image, tile=128, opening=4, scale=4.0) > 0
     assert quarter[rim].mean() > 0.5

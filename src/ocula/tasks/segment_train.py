@@ -257,16 +257,16 @@ def drop_objects(labels: np.ndarray, min_area: int, anchor: int | None = None,
     return labels
 
 
-def open_objects(binary: np.ndarray, radius: int) -> np.ndarray:
-    """`binary` opened by a disk of `radius` px: what is narrower than the disk goes. The image's edge is continued
-    outward, so an object cut by the frame keeps its edge."""
+def open_objects(labels: np.ndarray, radius: int) -> np.ndarray:
+    """`labels` with the foreground opened by a disk of `radius` px: what is narrower than the disk goes, whatever
+    its class. The image's edge is continued outward, so an object cut by the frame keeps its edge."""
     if radius < 1:
-        return binary
+        return labels
     from scipy.ndimage import binary_opening
     from skimage.morphology import disk
 
-    padded = np.pad(binary, radius, mode="edge")
-    return binary_opening(padded, disk(radius).astype(bool))[radius:-radius, radius:-radius]
+    padded = np.pad(labels > 0, radius, mode="edge")
+    return np.where(binary_opening(padded, disk(radius).astype(bool))[radius:-radius, radius:-radius], labels, 0)
 
 
 def opening_radius(pairs, keep: float = 0.99, largest: int = 32) -> int:
@@ -277,7 +277,7 @@ def opening_radius(pairs, keep: float = 0.99, largest: int = 32) -> int:
     masks = [mask > 0 for _, mask in pairs]
     total = sum(int(m.sum()) for m in masks)
     radius = 0
-    while radius < largest and sum(int((open_objects(m, radius + 1) & m).sum()) for m in masks) >= keep * total:
+    while radius < largest and sum(int(open_objects(m, radius + 1).sum()) for m in masks) >= keep * total:
         radius += 1
     return radius
 
@@ -331,8 +331,7 @@ def predict_labels(model, image: np.ndarray, *, tile: int, overlap: float = 0.25
     the model's scale): `drop_objects`."""
     probs = predict_probs(model, image, tile=tile, overlap=overlap, batch_size=batch_size, scale=scale,
                           stain=stain, flips=flips)
-    labels = probs_to_labels(probs[None], threshold=threshold)[0]
-    labels = np.where(open_objects(labels > 0, round(opening / scale)), labels, 0)
+    labels = open_objects(probs_to_labels(probs[None], threshold=threshold)[0], round(opening / scale))
     return drop_objects(labels, round(min_area / scale**2), anchor, reach and reach / scale,
                         round(anchor_area / scale**2))
 
