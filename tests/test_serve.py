@@ -153,6 +153,14 @@ def test_onnx_runtime_answers_like_torch(client, model_files):
         assert onnx_answer[key] == torch_answer[key], key
 
 
+def test_segment_options_reach_the_model(client, model_files):
+    data = model_files["images"]["segment"].read_bytes()
+    given = post_file(client, data, model="segment", cell_diameter="48", opening="true").json()
+    assert given["cell_diameter_px"] == 48 and given["scale_assumed"] is False
+    as_json = post_json(client, data, model="segment", cell_diameter=48, opening=True).json()
+    assert as_json["mask_png"] == given["mask_png"]
+
+
 def truncated_png() -> bytes:
     return png(np.full((64, 64, 3), 128))[:60]
 
@@ -172,6 +180,9 @@ BAD = [
     ("an option the task does not take", lambda c: post_file(c, png(np.zeros((8, 8))), min_area="3"), 400),
     ("an option that is not a number", lambda c: post_file(c, png(np.zeros((8, 8))), model="segment",
                                                            min_area="lots"), 400),
+    ("an option that is not a boolean", lambda c: post_file(c, png(np.zeros((8, 8))), model="segment",
+                                                             opening="maybe"), 400),
+    ("stages that is not a boolean", lambda c: post_file(c, png(np.zeros((8, 8))), stages="maybe"), 400),
     ("a negative option", lambda c: post_file(c, png(np.zeros((8, 8))), model="detect", score_thresh="-1"), 400),
     ("an unknown field", lambda c: post_file(c, png(np.zeros((8, 8))), colour="red"), 400),
     ("a form without an image", lambda c: c.post("/v1/predict", files={"picture": ("x", b"1")}), 400),

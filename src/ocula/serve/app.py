@@ -33,8 +33,18 @@ from ocula.serve.decode import BadImage, decode_image
 from ocula.serve.models import Served
 
 STATIC = Path(__file__).parent / "static"
+
+
+def boolean(value) -> bool:
+    """A form field or JSON value as a boolean: true/false, 1/0 or yes/no; anything else is refused."""
+    text = str(value).lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+    return text in ("true", "1", "yes")
+
+
 # Per-request prediction options a client may set, with their types; the task rejects those it does not take.
-OPTIONS = {"pixel_size": float, "min_area": int, "score_thresh": float}
+OPTIONS = {"pixel_size": float, "min_area": int, "cell_diameter": float, "opening": boolean, "score_thresh": float}
 log = logging.getLogger("ocula.serve")
 
 
@@ -122,8 +132,11 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
         name = fields.pop("model", None) or default
         if not isinstance(name, str) or name not in models:  # JSON may send any type
             raise ApiError(404, f"no model named {name!r}; this server has {', '.join(models)}")
-        stages = str(fields.pop("stages", "true")).lower() not in ("false", "0", "no")
         data = fields.pop("image")
+        try:
+            stages = boolean(fields.pop("stages", True))
+        except ValueError:
+            raise ApiError(400, "stages must be a boolean") from None
         options = parse_options(fields)
         served = models[name]
 
@@ -282,6 +295,8 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
         "stages": {"type": "boolean", "description": "classify: include the preprocessing stages (default true)"},
         "pixel_size": {"type": "number", "description": "segment: micrometres per pixel"},
         "min_area": {"type": "integer", "description": "segment: smallest object kept, in px"},
+        "cell_diameter": {"type": "number", "description": "segment: px a white cell spans (default: as trained)"},
+        "opening": {"type": "boolean", "description": "segment: cut thin rims off cells (default false)"},
         "score_thresh": {"type": "number", "description": "detect: smallest score kept"}}}},
     "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "description": "the image file as base64 or a data URL"},
