@@ -304,6 +304,8 @@ VARIANTS = {
     "neutral-light": dict(cell_diameter=64, anchor=True, augment=segment_train.smear_augment, stain="neutral"),
     "tint-0.5": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, tint=0.5)),
     "lamp": dict(cell_diameter=64, anchor=True, augment=lambda pairs: segment_train.smear_augment(pairs, lamp=0.5)),
+    "random-conv": dict(cell_diameter=64, anchor=True,
+                        augment=lambda pairs: segment_train.smear_augment(pairs, random_conv=0.5)),
     "recipe": dict(recipe=True),  # the task's default blood recipe (segment_train.BLOOD)
     # The recipe with a wider encoder and decoder: the seed's widths, 4x the parameters and FLOPs.
     "wide": dict(recipe=True, arch_args=dict(widths=(32, 64, 128, 256, 512))),
@@ -561,7 +563,10 @@ def bench_ablation(args) -> str:
                     "with batch-norm statistics re-estimated on the other half (AdaBN; BCCD: on its training "
                     "smears); 'neutral-light' the recipe with each image's background light made a grey of its own "
                     "brightness, in training and prediction (`--stain neutral`); 'opening' the recipe's models "
-                    "predicting with the opening (`--opening`, see the cross section).")
+                    "predicting with the opening (`--opening`, see the cross section); 'random-conv' the recipe "
+                    "with half the crops recoloured by a random shallow network (GIN: four 1x1 or 3x3 convolutions "
+                    "with random weights, given the crop's colour means and spreads and mixed into it by a random "
+                    "share), so that colour stops being a cue and shape must carry the decision.")
 
 
 # ------------------------------------------------------------------------------------------------ third domain

@@ -7,8 +7,8 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from ocula.data import registry
-from ocula.data.paired_transforms import (Affine, BackgroundShift, ColorJitter, Compose, HFlip, Lamp, RedCells,
-                                          Rot90, StainJitter, VFlip, blood_smear_augment)
+from ocula.data.paired_transforms import (Affine, BackgroundShift, ColorJitter, Compose, HFlip, Lamp, RandomConv,
+                                          RedCells, Rot90, StainJitter, VFlip, blood_smear_augment)
 from ocula.data.segmentation import (Augmented, RandomCrops, folds, kfold_indices, load_isbi2012,
                                      load_mask_folder, load_sigtuple, load_zheng, mask_grid, overlay)
 from ocula.errors import OculaError
@@ -327,6 +327,24 @@ def test_a_warm_lamp_dims_blue_light_most_and_leaves_the_mask():
     assert r == 240 and 215 < g < 225 and 140 < b < 150  # like Zheng's yellow fields: blue at 0.6 of red
     cold, _ = Lamp(warmth=(-0.2, -0.2), p=1)(image, mask, np.random.default_rng(0))
     assert cold[0, 0, 2] == 255 and cold[0, 0, 0] == 240  # a daylight filter: blue up (here clipped)
+
+
+def test_random_conv_recolours_a_cell_but_keeps_its_outline():
+    mask = (disc(48, 48) > 0).astype(np.uint8)
+    image = np.where(mask[..., None] > 0, (90, 40, 120), (230, 220, 200)).astype(np.uint8)
+    inside, outside = disc(48, 48, r=10) > 0, disc(48, 48, r=22) == 0  # away from the outline's 3x3 blur
+    colours, contrasts = [], []
+    for seed in range(20):
+        out, kept = RandomConv(p=1)(image, mask, np.random.default_rng(seed))
+        assert kept is mask and out.shape == image.shape and out.dtype == np.uint8
+        assert out[inside].std(axis=0).max() < 1 and out[outside].std(axis=0).max() < 1  # flat regions stay flat
+        colours.append(out[inside].mean(axis=0))
+        contrasts.append(np.abs(out[inside].mean(axis=0) - out[outside].mean(axis=0)).max())
+    assert np.ptp(colours, axis=0).max() > 60  # the cell takes many colours ...
+    assert np.mean(np.array(contrasts) > 10) > 0.8  # ... and mostly stays apart from its background
+    twice = [RandomConv(p=1)(image, mask, np.random.default_rng(3))[0] for _ in range(2)]
+    assert np.array_equal(*twice)
+    assert RandomConv(p=0)(image, mask, np.random.default_rng(0))[0] is image
 
 
 def test_compose_is_repeatable_and_handles_no_mask():

@@ -255,9 +255,42 @@ class RedCells:
         return _to_uint8(out), mask
 
 
+@dataclass(frozen=True)
+class RandomConv:
+    """A random shallow network over the colours (GIN, Ouyang et al. 2022, 'Causality-inspired single-source domain
+    generalization for medical image segmentation'): `layers` 1x1 or 3x3 convolutions with random Gaussian weights,
+    `width` channels between them and leaky ReLUs, its output given each channel's mean and spread of the input and
+    mixed with the input by a random share. Colours and contrasts change in ways no stain model proposes, while
+    shapes stay, so the model must lean on shape: a red cell is a disc with a pale centre whatever its colour."""
+
+    layers: int = 4
+    width: int = 2
+    p: float = 0.5
+
+    def __call__(self, image, mask, rng):
+        if rng.random() >= self.p or image.ndim != 3:
+            return image, mask
+        x = image.astype(np.float32) / 255.0
+        y = x
+        for i in range(self.layers):
+            k = int(rng.choice((1, 3)))
+            out = 3 if i == self.layers - 1 else self.width
+            windows = np.pad(y, ((k // 2,) * 2, (k // 2,) * 2, (0, 0)), mode="reflect")
+            h, w = y.shape[:2]
+            taps = np.concatenate([windows[r:r + h, c:c + w] for r in range(k) for c in range(k)], axis=-1)
+            y = taps @ rng.normal(0, 1 / np.sqrt(taps.shape[-1]), (taps.shape[-1], out)).astype(np.float32)
+            y += rng.normal(0, 0.1, out).astype(np.float32)
+            if i < self.layers - 1:
+                y = np.where(y > 0, y, 0.2 * y)
+        mean, std = x.mean((0, 1)), x.std((0, 1))
+        y = (y - y.mean((0, 1))) / (y.std((0, 1)) + 1e-6) * std + mean
+        share = rng.uniform()
+        return _to_uint8(np.clip(share * y + (1 - share) * x, 0.0, 1.0) * 255.0), mask
+
+
 def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma: float = 0.25,
                         stain_bias: float = 0.08, tint: float = 0.3, hue: float = 0.05,
-                        red_cells: float = 0.0, lamp: float = 0.0) -> Compose:
+                        red_cells: float = 0.0, lamp: float = 0.0, random_conv: float = 0.0) -> Compose:
     """Default for stained blood smears: cells have no preferred orientation, so all flips and quarter turns are
     free; plus warps (`scale` is the zoom range) and the colour / stain drift seen between labs, scanners and
     staining batches (`stain_sigma`, `stain_bias`, `tint`: StainJitter's; `hue`: ColorJitter's, in turns). The
@@ -265,7 +298,7 @@ def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma:
     RESULTS.md, 'what makes white-cell segmentation generalise'): they carry a SigTuple model over to Zheng's
     yellow smears, at some cost from Zheng to SigTuple; a wider zoom did not help. `red_cells`: the share of
     crops moved by a BackgroundShift, and the share (drawn apart) that get up to 12 RedCells; `lamp`: the share
-    lit by a Lamp of random warmth."""
+    lit by a Lamp of random warmth; `random_conv`, the share recoloured by a RandomConv."""
     return Compose([
         HFlip(), VFlip(), Rot90(),
         Affine(degrees=30.0, scale=scale, translate=0.05, p=0.5),
@@ -273,4 +306,5 @@ def blood_smear_augment(*, scale: tuple[float, float] = (0.9, 1.1), stain_sigma:
         ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=hue, p=0.8),
         *([Lamp(p=lamp)] if lamp else []),
         StainJitter(sigma=stain_sigma, bias=stain_bias, tint=tint, p=0.5),
+        *([RandomConv(p=random_conv)] if random_conv else []),
     ])
