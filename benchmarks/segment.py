@@ -775,7 +775,8 @@ def bench_cross(args) -> str:
                     "are stated by neither dataset; the median whole-cell diameter measured on the masks is "
                     f"{diameters['SigTuple']:.1f} px (SigTuple) and {diameters['Zheng']:.1f} px (Zheng). 'known' "
                     "resamples test images from their measured diameter, 'assumed' at the training images' scale "
-                    f"(what `ocula predict` does without --cell-diameter). Overlays of the worst images (default clean-up, scale known): {out}/.")
+                    "(what `ocula predict` does without --cell-diameter). Overlays of the worst images (default "
+                    f"clean-up, scale known): {out}/.")
 
 
 def main():
