@@ -40,7 +40,7 @@ def smears(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
     data = synthetic.mask_folder(root / "smears")
     model = ocula.train(str(data), "unet", runs_dir=root / "runs", progress=False, threads=1, epochs=8,
-                        batch_size=4, lr=1e-2, crop=32, arch_args={"widths": [4, 8, 16]})
+                        batch_size=4, lr=1e-2, crop=32, arch_args={"widths": [4, 8, 16]}, cell_diameter=24)
     sh.copy(model.path, data / "segment.ocula")
     return data
 
@@ -139,6 +139,8 @@ def test_the_page_lays_the_mask_over_a_smear(browser, server_url, smears):
     assert mask.get_attribute("alt") == "the predicted mask"
     assert (mask.rect["x"], mask.rect["y"], mask.size) == (picture.rect["x"], picture.rect["y"], picture.size)
     assert browser.find_elements(By.CSS_SELECTOR, "#answer table")  # the counts and the cell table
+    trained = ocula.load(smears / "segment.ocula").info.preprocess["training_cell_diameter"]
+    assert browser.find_element(By.ID, "scale").text.startswith(f"scale unknown: assumed white cells {trained:.1f} px")
     browser.save_screenshot(str(ARTIFACTS / "page-smear.png"))
 
 

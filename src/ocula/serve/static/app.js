@@ -111,9 +111,12 @@ function showMask(answer, body, pictureUrl) {
     el("img", { src: body.mask_png, alt: "the predicted mask", class: "overlay" }));
   const columns = body.cells.length ? Object.keys(body.cells[0]) : ["id"];
   const cells = body.cells.slice(0, 200).map((c) => columns.map((k) => String(c[k])));
+  // As `ocula predict` says it: a blood model took the image to be at its training images' scale.
+  const scale = body.scale_assumed ? [el("p", { id: "scale" }, `scale unknown: assumed white cells `
+    + `${body.cell_diameter_px.toFixed(1)} px across, as in the training images`)] : [];
   answer.append(el("div", { class: "results wide" }, picture,
     el("div", {}, el("p", { class: "label", id: "label" }, plural(body.count, "cell")),
-      el("p", {}, `foreground ${(body.foreground * 100).toFixed(1)}% of the image`), countsTable(body.counts),
+      el("p", {}, `foreground ${(body.foreground * 100).toFixed(1)}% of the image`), ...scale, countsTable(body.counts),
       el("div", { class: "scroll" }, table(columns, cells)))));
 }
 
