@@ -140,7 +140,8 @@ def test_the_page_lays_the_mask_over_a_smear(browser, server_url, smears):
     assert (mask.rect["x"], mask.rect["y"], mask.size) == (picture.rect["x"], picture.rect["y"], picture.size)
     assert browser.find_elements(By.CSS_SELECTOR, "#answer table")  # the counts and the cell table
     trained = ocula.load(smears / "segment.ocula").info.preprocess["training_cell_diameter"]
-    assert browser.find_element(By.ID, "scale").text.startswith(f"scale unknown: assumed white cells {trained:.1f} px")
+    scale = browser.find_element(By.ID, "scale").text  # a blood model says what cell size it assumed
+    assert scale.startswith(f"scale unknown: assumed white cells {trained:.1f} px")
     browser.save_screenshot(str(ARTIFACTS / "page-smear.png"))
 
 

@@ -116,7 +116,8 @@ function showMask(answer, body, pictureUrl) {
     + `${body.cell_diameter_px.toFixed(1)} px across, as in the training images`)] : [];
   answer.append(el("div", { class: "results wide" }, picture,
     el("div", {}, el("p", { class: "label", id: "label" }, plural(body.count, "cell")),
-      el("p", {}, `foreground ${(body.foreground * 100).toFixed(1)}% of the image`), ...scale, countsTable(body.counts),
+      el("p", {}, `foreground ${(body.foreground * 100).toFixed(1)}% of the image`), ...scale,
+      countsTable(body.counts),
       el("div", { class: "scroll" }, table(columns, cells)))));
 }
 
