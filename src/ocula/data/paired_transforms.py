@@ -271,12 +271,12 @@ class RandomConv:
         if rng.random() >= self.p or image.ndim != 3:
             return image, mask
         x = image.astype(np.float32) / 255.0
+        h, w = x.shape[:2]
         y = x
         for i in range(self.layers):
             k = int(rng.choice((1, 3)))
             out = 3 if i == self.layers - 1 else self.width
             windows = np.pad(y, ((k // 2,) * 2, (k // 2,) * 2, (0, 0)), mode="reflect")
-            h, w = y.shape[:2]
             taps = np.concatenate([windows[r:r + h, c:c + w] for r in range(k) for c in range(k)], axis=-1)
             y = taps @ rng.normal(0, 1 / np.sqrt(taps.shape[-1]), (taps.shape[-1], out)).astype(np.float32)
             y += rng.normal(0, 0.1, out).astype(np.float32)

@@ -43,8 +43,10 @@ def boolean(value) -> bool:
     return text in ("true", "1", "yes")
 
 
-# Per-request prediction options a client may set, with their types; the task rejects those it does not take.
-OPTIONS = {"pixel_size": float, "min_area": int, "cell_diameter": float, "opening": boolean, "score_thresh": float}
+# Per-request options a client may set, with their types: `stages` shapes the answer, the others go to the task's
+# predict, which rejects those it does not take.
+OPTIONS = {"stages": boolean, "pixel_size": float, "min_area": int, "cell_diameter": float, "opening": boolean,
+           "score_thresh": float}
 log = logging.getLogger("ocula.serve")
 
 
@@ -133,11 +135,8 @@ def create_app(models: dict[str, Served], limits: Limits | None = None, *,
         if not isinstance(name, str) or name not in models:  # JSON may send any type
             raise ApiError(404, f"no model named {name!r}; this server has {', '.join(models)}")
         data = fields.pop("image")
-        try:
-            stages = boolean(fields.pop("stages", True))
-        except ValueError:
-            raise ApiError(400, "stages must be a boolean") from None
         options = parse_options(fields)
+        stages = options.pop("stages", True)
         served = models[name]
 
         def work():
@@ -269,8 +268,7 @@ def decode_base64(text: str) -> bytes:
 def parse_options(fields: dict) -> dict:
     unknown = sorted(set(fields) - set(OPTIONS))
     if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; known: image, model, stages, "
-                            f"{', '.join(OPTIONS)}")
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; known: image, model, {', '.join(OPTIONS)}")
     options = {}
     for key, value in fields.items():
         try:
